@@ -1,0 +1,424 @@
+"""The codebook bottleneck.
+
+An activation ``a`` (a vector of width ``d``) is replaced by the sum of the ``k``
+rows of a learned codebook (``C x d``) that are most similar to it. A group of
+``G`` independent codebooks (one per attention head, say) is held as one
+``(G, C, d)`` parameter and searched with batched matmuls.
+
+Gradients: the input receives the upstream gradient unchanged (straight-through
+estimator); the codebook receives gradient only on the rows that were selected,
+scattered with ``index_add_``. The reconstruction loss
+``MSE(codebook_out, stop_grad(a))`` is returned explicitly in
+:class:`CodebookOutput` for the training loop to add and log.
+
+This module knows nothing of transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Similarity = Literal["cosine", "inner_product", "euclidean"]
+SIMILARITIES: tuple[str, ...] = ("cosine", "inner_product", "euclidean")
+
+MIB = 1 << 20
+
+
+@dataclass
+class CodebookConfig:
+    """Options of one codebook (or one group of codebooks).
+
+    num_codes: rows C of each codebook.
+    k: codes summed per activation (1 <= k < num_codes).
+    similarity: how codes are ranked against an activation.
+    reconstruction_weight: weight of MSE(codebook_out, stop_grad(a)), which trains the codes.
+    commitment_weight: weight of MSE(a, stop_grad(codebook_out)), which pulls activations
+        toward their codes (0 disables it).
+    lm_grad_to_codes: whether the downstream (language-model) gradient also reaches the
+        selected codes, besides the reconstruction gradient.
+    chunk_mib: most memory the similarity matrix may hold at once, in MiB.
+    """
+
+    num_codes: int = 1024
+    k: int = 1
+    similarity: str = "cosine"
+    reconstruction_weight: float = 1.0
+    commitment_weight: float = 0.0
+    lm_grad_to_codes: bool = True
+    chunk_mib: float = 256.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_codes, int) or self.num_codes < 2:
+            raise ValueError(f"num_codes must be an integer >= 2, got {self.num_codes!r}")
+        if not isinstance(self.k, int) or not 1 <= self.k < self.num_codes:
+            raise ValueError(
+                f"k must be an integer with 1 <= k < num_codes ({self.num_codes}), got {self.k!r}"
+            )
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(
+                f"similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}"
+            )
+        for name in ("reconstruction_weight", "commitment_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.chunk_mib, (int, float)) or not self.chunk_mib > 0:
+            raise ValueError(f"chunk_mib must be a number > 0, got {self.chunk_mib!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CodebookConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown codebook option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+
+@dataclass
+class CodebookOutput:
+    """What one codebook forward produces.
+
+    output: the quantized activation, same shape as the input.
+    codes: chosen code ids, shape ``(*batch, G, k)``, best first.
+    loss: weighted reconstruction (+ commitment) loss, a scalar to add to the LM loss.
+    mse: unweighted MSE between output and input (detached), for logging.
+    """
+
+    output: torch.Tensor
+    codes: torch.Tensor
+    loss: torch.Tensor
+    mse: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------
+# nearest-code search
+
+
+def search_keys(weight: torch.Tensor, similarity: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return ``(keys, bias)`` so that ``score = alpha * x @ keys^T + bias`` ranks codes.
+
+    cosine: keys are unit-norm codes (the input's norm does not change its ranking, so the
+    input is never normalised). inner_product: raw codes. euclidean: ranking by
+    ``2 x.c - |c|^2`` equals ranking by ``-|x - c|^2``.
+    """
+    if similarity == "cosine":
+        return F.normalize(weight, dim=-1), None
+    if similarity == "inner_product":
+        return weight, None
+    if similarity == "euclidean":
+        return weight, -(weight * weight).sum(-1).unsqueeze(1)  # (G, 1, C)
+    raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
+
+
+def chunk_rows(groups: int, num_codes: int, itemsize: int, budget_bytes: float) -> int:
+    """Tokens per chunk so that the (G, rows, C) score matrix fits the budget."""
+    return max(1, int(budget_bytes // (groups * num_codes * itemsize)))
+
+
+@torch.no_grad()
+def topk_codes(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    similarity: str = "cosine",
+    chunk_mib: float = 256.0,
+) -> torch.Tensor:
+    """Ids of the k most similar codes, best first.
+
+    x: ``(N, G, d)`` activations; weight: ``(G, C, d)`` codebooks.
+    Returns ``(N, G, k)`` int64. The score matrix held at once is at most
+    ``chunk_mib`` MiB (one token row at the least); chunking changes no result.
+    """
+    n, groups, dim = x.shape
+    if weight.dim() != 3 or weight.shape[0] != groups or weight.shape[2] != dim:
+        raise ValueError(
+            f"activations of shape {tuple(x.shape)} do not match codebooks of shape "
+            f"{tuple(weight.shape)} (expected (N, G, d) against (G, C, d))"
+        )
+    num_codes = weight.shape[1]
+    keys, bias = search_keys(weight.to(x.dtype), similarity)
+    keys_t = keys.transpose(1, 2).contiguous()  # (G, d, C)
+    xt = x.transpose(0, 1)  # (G, N, d), a view
+    rows = min(n, chunk_rows(groups, num_codes, x.element_size(), chunk_mib * MIB))
+    buf = torch.empty(groups * rows * num_codes, dtype=x.dtype, device=x.device)
+    ids = torch.empty(n, groups, k, dtype=torch.long, device=x.device)
+    for start in range(0, n, rows):
+        m = min(rows, n - start)
+        scores = buf[: groups * m * num_codes].view(groups, m, num_codes)
+        if bias is None:
+            torch.bmm(xt[:, start : start + m], keys_t, out=scores)
+        else:
+            torch.baddbmm(bias, xt[:, start : start + m], keys_t, alpha=2.0, out=scores)
+        if k == 1:
+            best = scores.argmax(dim=-1, keepdim=True)
+        else:
+            best = scores.topk(k, dim=-1, sorted=True).indices
+        ids[start : start + m] = best.transpose(0, 1)
+    return ids
+
+
+# ----------------------------------------------------------------------------------------
+# lookup with straight-through gradient
+
+
+def _flat_ids(ids: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """(N, G, k) per-group ids -> (N*G, k) ids into the flattened (G*C, d) codebook."""
+    groups = ids.shape[1]
+    offsets = torch.arange(groups, device=ids.device).mul_(num_codes).view(1, groups, 1)
+    return (ids + offsets).view(-1, ids.shape[-1])
+
+
+class CodebookLookup(torch.autograd.Function):
+    """Sum of the selected codes, with two outputs that differ only in their gradient.
+
+    ``out`` goes downstream: its gradient passes to the input unchanged (straight-through)
+    and, when ``lm_grad_to_codes``, to the selected codes as well. ``rec`` carries the
+    reconstruction loss: its gradient reaches only the selected codes. Backward scatters
+    into the k selected rows per token with ``index_add_``; no N x C tensor exists.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, ids, lm_grad_to_codes: bool):
+        n, groups, dim = x.shape
+        num_codes = weight.shape[1]
+        flat = _flat_ids(ids, num_codes)
+        q = F.embedding_bag(flat, weight.reshape(groups * num_codes, dim), mode="sum")
+        q = q.view(n, groups, dim).to(x.dtype)
+        ctx.save_for_backward(flat)
+        ctx.weight_shape = weight.shape
+        ctx.weight_dtype = weight.dtype
+        ctx.lm_grad_to_codes = lm_grad_to_codes
+        ctx.mark_non_differentiable(ids)
+        return q, q.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_rec):
+        (flat,) = ctx.saved_tensors
+        grad_x = grad_out if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            groups, num_codes, dim = ctx.weight_shape
+            total = grad_rec
+            if ctx.lm_grad_to_codes and grad_out is not None:
+                total = grad_out if total is None else total + grad_out
+            grad_w = torch.zeros(
+                groups * num_codes, dim, dtype=ctx.weight_dtype, device=flat.device
+            )
+            if total is not None:
+                rows = total.reshape(-1, dim).to(ctx.weight_dtype)
+                for slot in range(flat.shape[1]):
+                    grad_w.index_add_(0, flat[:, slot], rows)
+            grad_w = grad_w.view(groups, num_codes, dim)
+        return grad_x, grad_w, None, None
+
+
+# ----------------------------------------------------------------------------------------
+# the module
+
+
+IdsHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Codebook(nn.Module):
+    """G independent codebooks of C codes of width d, held as one (G, C, d) parameter.
+
+    ``forward`` takes activations of shape ``(..., G * d)`` and returns a
+    :class:`CodebookOutput`. Usage statistics are off until
+    :meth:`track_usage` is called.
+    """
+
+    recent_rows = 512  # inputs kept per group (when tracking) to re-seed dead codes
+
+    def __init__(self, dim: int, config: CodebookConfig, groups: int = 1) -> None:
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        self.config = config
+        self.dim = dim
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(groups, config.num_codes, dim))
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(dim))
+        self.register_buffer("usage", torch.zeros(groups, config.num_codes, dtype=torch.long))
+        self.register_buffer("idle_steps", torch.zeros(groups, config.num_codes, dtype=torch.long))
+        self.register_buffer(
+            "_used", torch.zeros(groups, config.num_codes, dtype=torch.bool), persistent=False
+        )
+        self._recent: torch.Tensor | None = None
+        self.tracking = False
+        self.ids_hook: IdsHook | None = None
+
+    @property
+    def num_codes(self) -> int:
+        return self.config.num_codes
+
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"groups={self.groups}, num_codes={c.num_codes}, dim={self.dim}, k={c.k}, similarity={c.similarity}"
+
+    # -- forward ------------------------------------------------------------------------
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.groups * self.dim:
+            raise ValueError(
+                f"activation width {x.shape[-1]} does not match the codebook "
+                f"({self.groups} group(s) x {self.dim} = {self.groups * self.dim})"
+            )
+        return x.reshape(-1, self.groups, self.dim)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Ids of the chosen codes for ``x`` of shape ``(..., G*d)``: ``(..., G, k)``."""
+        a = self._split(x)
+        ids = topk_codes(a.detach(), self.weight.detach(), self.k, self.config.similarity, self.config.chunk_mib)
+        return ids.view(*x.shape[:-1], self.groups, self.k)
+
+    def forward(self, x: torch.Tensor) -> CodebookOutput:
+        a = self._split(x)
+        c = self.config
+        ids = topk_codes(a.detach(), self.weight.detach(), c.k, c.similarity, c.chunk_mib)
+        if self.ids_hook is not None:
+            ids = self.ids_hook(ids, a)
+        out, rec = CodebookLookup.apply(a, self.weight, ids, c.lm_grad_to_codes)
+        target = a.detach()
+        mse = F.mse_loss(rec.float(), target.float())
+        loss = c.reconstruction_weight * mse
+        if c.commitment_weight > 0:
+            loss = loss + c.commitment_weight * F.mse_loss(a.float(), out.detach().float())
+        if self.tracking:
+            self._record(ids, target)
+        return CodebookOutput(
+            output=out.view(x.shape),
+            codes=ids.view(*x.shape[:-1], self.groups, c.k),
+            loss=loss,
+            mse=mse.detach(),
+        )
+
+    # -- usage statistics and dead-code revival --------------------------------------------
+
+    def track_usage(self, enabled: bool = True) -> None:
+        """Count code activations in the ``usage`` buffer and remember recent inputs."""
+        self.tracking = enabled
+
+    def reset_usage(self) -> None:
+        self.usage.zero_()
+        self._used.zero_()
+        self.idle_steps.zero_()
+
+    @torch.no_grad()
+    def _record(self, ids: torch.Tensor, a: torch.Tensor) -> None:
+        flat = _flat_ids(ids, self.num_codes).view(-1)
+        counts = torch.bincount(flat, minlength=self.groups * self.num_codes)
+        counts = counts.view(self.groups, self.num_codes)
+        self.usage += counts
+        self._used |= counts > 0
+        stride = max(1, a.shape[0] // self.recent_rows)
+        self._recent = a[::stride][: self.recent_rows].transpose(0, 1).to(self.weight.dtype).clone()
+
+    @torch.no_grad()
+    def step_idle(self) -> torch.Tensor:
+        """Close one optimizer step of usage: codes unused since the last call age by one.
+
+        Returns the ``(G, C)`` idle-step counts. Call once per optimizer step (after
+        synchronising ``_used`` across processes, when there are several).
+        """
+        self.idle_steps += 1
+        self.idle_steps[self._used] = 0
+        self._used.zero_()
+        return self.idle_steps
+
+    @torch.no_grad()
+    def revive_dead_codes(
+        self,
+        max_idle_steps: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        noise: float = 0.01,
+        generator: torch.Generator | None = None,
+    ) -> int:
+        """Re-initialise codes idle for ``max_idle_steps`` steps from recent inputs.
+
+        New codes are recent activations (of the same group) plus Gaussian noise of
+        ``noise`` times their scale; the optimizer's per-element state for those rows
+        (Adam's moments, momentum buffers) is zeroed. Returns how many codes were revived.
+        Needs usage tracking on (it supplies the recent inputs).
+        """
+        if max_idle_steps < 1:
+            raise ValueError(f"max_idle_steps must be >= 1, got {max_idle_steps!r}")
+        dead = self.idle_steps >= max_idle_steps
+        count = int(dead.sum())
+        if count == 0:
+            return 0
+        if self._recent is None:
+            raise RuntimeError("revive_dead_codes needs recent inputs: call track_usage() and run a forward first")
+        recent = self._recent.to(self.weight.device)  # (G, R, d)
+        g_idx, c_idx = dead.nonzero(as_tuple=True)
+        pick = torch.randint(0, recent.shape[1], (count,), generator=generator, device="cpu").to(recent.device)
+        seeds = recent[g_idx, pick]
+        scale = seeds.norm(dim=-1, keepdim=True) / math.sqrt(self.dim)
+        jitter = torch.randn(seeds.shape, generator=generator, device="cpu").to(seeds.device)
+        self.weight[g_idx, c_idx] = seeds + noise * scale * jitter
+        self.idle_steps[g_idx, c_idx] = 0
+        if optimizer is not None:
+            reset_optimizer_rows(optimizer, self.weight, (g_idx, c_idx))
+        return count
+
+    # -- k-means initialisation ------------------------------------------------------------
+
+    @torch.no_grad()
+    def kmeans_init_(
+        self, samples: torch.Tensor, iters: int = 10, generator: torch.Generator | None = None
+    ) -> None:
+        """Set the codes to k-means centroids of ``samples`` (``(..., G*d)``), per group.
+
+        Assignment uses the codebook's own similarity (cosine gives spherical
+        assignment); centroids are means. Empty clusters are re-seeded from samples.
+        """
+        a = self._split(samples).to(self.weight.dtype)
+        n = a.shape[0]
+        C = self.num_codes
+        first = torch.randint(0, n, (self.groups, C), generator=generator, device="cpu").to(a.device)
+        cent = torch.gather(a.transpose(0, 1), 1, first.unsqueeze(-1).expand(-1, -1, self.dim)).clone()
+        if n < C:  # repeated seeds must differ or they stay together forever
+            cent += 1e-3 * cent.norm(dim=-1, keepdim=True) * torch.randn(cent.shape, generator=generator).to(a.device)
+        flat_samples = a.reshape(-1, self.dim)
+        for _ in range(iters):
+            ids = topk_codes(a, cent, 1, self.config.similarity, self.config.chunk_mib)
+            flat = _flat_ids(ids, C).view(-1)
+            sums = torch.zeros(self.groups * C, self.dim, dtype=a.dtype, device=a.device)
+            sums.index_add_(0, flat, flat_samples)
+            counts = torch.bincount(flat, minlength=self.groups * C).to(a.dtype).unsqueeze(-1)
+            empty = (counts == 0).view(self.groups, C)
+            new = (sums / counts.clamp(min=1)).view(self.groups, C, self.dim)
+            if empty.any():
+                g_idx, c_idx = empty.nonzero(as_tuple=True)
+                pick = torch.randint(0, n, (len(g_idx),), generator=generator).to(a.device)
+                new[g_idx, c_idx] = a[pick, g_idx]
+            cent = new
+        self.weight.copy_(cent)
+
+
+def reset_optimizer_rows(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, index: tuple[torch.Tensor, ...]
+) -> None:
+    """Zero the optimizer's per-element state of ``param`` at ``index`` (its moments)."""
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for value in state.values():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value[index] = 0
