@@ -17,8 +17,9 @@ This module knows nothing of transformers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -285,7 +286,9 @@ class Codebook(nn.Module):
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Ids of the chosen codes for ``x`` of shape ``(..., G*d)``: ``(..., G, k)``."""
         a = self._split(x)
-        ids = topk_codes(a.detach(), self.weight.detach(), self.k, self.config.similarity, self.config.chunk_mib)
+        ids = topk_codes(
+            a.detach(), self.weight.detach(), self.k, self.config.similarity, self.config.chunk_mib
+        )
         return ids.view(*x.shape[:-1], self.groups, self.k)
 
     def forward(self, x: torch.Tensor) -> CodebookOutput:
@@ -364,10 +367,14 @@ class Codebook(nn.Module):
         if count == 0:
             return 0
         if self._recent is None:
-            raise RuntimeError("revive_dead_codes needs recent inputs: call track_usage() and run a forward first")
+            raise RuntimeError(
+                "revive_dead_codes needs recent inputs: call track_usage() and run a forward first"
+            )
         recent = self._recent.to(self.weight.device)  # (G, R, d)
         g_idx, c_idx = dead.nonzero(as_tuple=True)
-        pick = torch.randint(0, recent.shape[1], (count,), generator=generator, device="cpu").to(recent.device)
+        pick = torch.randint(0, recent.shape[1], (count,), generator=generator, device="cpu").to(
+            recent.device
+        )
         seeds = recent[g_idx, pick]
         scale = seeds.norm(dim=-1, keepdim=True) / math.sqrt(self.dim)
         jitter = torch.randn(seeds.shape, generator=generator, device="cpu").to(seeds.device)
@@ -385,16 +392,14 @@ class Codebook(nn.Module):
     ) -> None:
         """Set the codes to k-means centroids of ``samples`` (``(..., G*d)``), per group.
 
-        Assignment uses the codebook's own similarity (cosine gives spherical
-        assignment); centroids are means. Empty clusters are re-seeded from samples.
+        Seeds are drawn by k-means++ (D^2 sampling); assignment uses the codebook's own
+        similarity (cosine gives spherical assignment); centroids are means. Empty
+        clusters are re-seeded from samples.
         """
         a = self._split(samples).to(self.weight.dtype)
         n = a.shape[0]
         C = self.num_codes
-        first = torch.randint(0, n, (self.groups, C), generator=generator, device="cpu").to(a.device)
-        cent = torch.gather(a.transpose(0, 1), 1, first.unsqueeze(-1).expand(-1, -1, self.dim)).clone()
-        if n < C:  # repeated seeds must differ or they stay together forever
-            cent += 1e-3 * cent.norm(dim=-1, keepdim=True) * torch.randn(cent.shape, generator=generator).to(a.device)
+        cent = kmeans_plus_plus(a, C, generator)
         flat_samples = a.reshape(-1, self.dim)
         for _ in range(iters):
             ids = topk_codes(a, cent, 1, self.config.similarity, self.config.chunk_mib)
@@ -410,6 +415,35 @@ class Codebook(nn.Module):
                 new[g_idx, c_idx] = a[pick, g_idx]
             cent = new
         self.weight.copy_(cent)
+
+
+@torch.no_grad()
+def kmeans_plus_plus(
+    a: torch.Tensor, num: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``num`` seeds per group from ``a`` (``(N, G, d)``) by D^2 sampling: ``(G, num, d)``.
+
+    With fewer samples than seeds, samples repeat with a little noise so that no two
+    seeds coincide.
+    """
+    n, groups, dim = a.shape
+    ag = a.transpose(0, 1)  # (G, N, d)
+    seeds = torch.empty(groups, num, dim, dtype=a.dtype, device=a.device)
+    rows = torch.arange(groups, device=a.device)
+    first = torch.randint(0, n, (groups,), generator=generator).to(a.device)
+    seeds[:, 0] = ag[rows, first]
+    d2 = (ag - seeds[:, :1]).square().sum(-1)  # (G, N) squared distance to nearest seed
+    for j in range(1, num):
+        weights = d2.clamp(min=0).double()
+        empty = weights.sum(-1) <= 0
+        weights[empty] = 1.0  # every sample already a seed: draw uniformly
+        pick = torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(-1).to(a.device)
+        seeds[:, j] = ag[rows, pick]
+        d2 = torch.minimum(d2, (ag - seeds[:, j : j + 1]).square().sum(-1))
+    if n < num:
+        jitter = torch.randn(seeds.shape, generator=generator).to(a.device)
+        seeds += 1e-3 * seeds.norm(dim=-1, keepdim=True).clamp(min=1e-6) * jitter
+    return seeds
 
 
 def reset_optimizer_rows(
