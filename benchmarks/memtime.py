@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def _status_kib(field: str) -> int:

@@ -17,6 +17,7 @@ This module knows nothing of transformers.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
@@ -180,6 +181,27 @@ def _flat_ids(ids: torch.Tensor, num_codes: int) -> torch.Tensor:
     return (ids + offsets).view(-1, ids.shape[-1])
 
 
+def scatter_rows(flat: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``out[flat[i, j]] += rows[i]`` for every token i and slot j: ``(num_rows, d)``.
+
+    On the CPU this is the product of a transposed sparse selection matrix (CSR, k
+    entries per token) with ``rows``, which MKL runs several times faster than
+    ``index_add_``; elsewhere, one ``index_add_`` per slot.
+    """
+    n, k = flat.shape
+    if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
+        crow = torch.arange(0, n * k + 1, k, device=rows.device)
+        ones = torch.ones(n * k, dtype=rows.dtype, device=rows.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            select = torch.sparse_csr_tensor(crow, flat.reshape(-1), ones, (n, num_rows))
+        return select.t() @ rows
+    out = torch.zeros(num_rows, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    for slot in range(k):
+        out.index_add_(0, flat[:, slot], rows)
+    return out
+
+
 class CodebookLookup(torch.autograd.Function):
     """Sum of the selected codes, with two outputs that differ only in their gradient.
 
@@ -213,14 +235,11 @@ class CodebookLookup(torch.autograd.Function):
             total = grad_rec
             if ctx.lm_grad_to_codes and grad_out is not None:
                 total = grad_out if total is None else total + grad_out
-            grad_w = torch.zeros(
-                groups * num_codes, dim, dtype=ctx.weight_dtype, device=flat.device
-            )
-            if total is not None:
+            if total is None:
+                grad_w = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=flat.device)
+            else:
                 rows = total.reshape(-1, dim).to(ctx.weight_dtype)
-                for slot in range(flat.shape[1]):
-                    grad_w.index_add_(0, flat[:, slot], rows)
-            grad_w = grad_w.view(groups, num_codes, dim)
+                grad_w = scatter_rows(flat, rows, groups * num_codes).view(groups, num_codes, dim)
         return grad_x, grad_w, None, None
 
 

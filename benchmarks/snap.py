@@ -1,0 +1,135 @@
+"""Forward and forward+backward cost of the codebook bottleneck, next to its lower bound.
+
+For each shape, in one run and one process:
+  matmul   the bare similarity matmul of the same shape into a preallocated output
+           (the FLOP floor every exact search pays),
+  ours     codebook_lens.Codebook: forward, and forward+backward with the reconstruction
+           loss,
+  naive    a dense PyTorch version: the full score matrix, topk, gather-sum with autograd
+           and a straight-through estimator.
+Times are medians; ratios are to the bare matmul. Peak memory is the rise of resident
+memory during one call (see memtime.py).
+
+    python benchmarks/snap.py            # full shapes (about 2 minutes on 2 cores)
+    python benchmarks/snap.py --quick    # small shapes, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memtime import measure  # noqa: E402
+
+from codebook_lens.codebook import Codebook, CodebookConfig, search_keys  # noqa: E402
+
+CASES = {
+    "heads": dict(groups=16, dim=64, num_codes=10_000, k=8),
+    "vanilla": dict(groups=1, dim=768, num_codes=10_000, k=8),
+}
+
+
+def naive_forward(x, weight, k, similarity):
+    """Dense reference: full (N, G, C) scores, topk, gather, straight-through."""
+    a = x.view(x.shape[0], weight.shape[0], weight.shape[2])
+    keys, bias = search_keys(weight, similarity)
+    scores = torch.einsum("ngd,gcd->ngc", a, keys.detach())
+    if bias is not None:
+        scores = 2 * scores + bias.squeeze(1)
+    ids = scores.topk(k, dim=-1).indices  # (N, G, k)
+    q = weight[torch.arange(weight.shape[0]).view(1, -1, 1), ids].sum(-2)  # (N, G, d)
+    out = a + (q - a).detach()
+    loss = F.mse_loss(q, a.detach())
+    return out.reshape(x.shape), loss
+
+
+def run_case(name, tokens, repeats, similarity):
+    shape = CASES[name]
+    G, d, C, k = shape["groups"], shape["dim"], shape["num_codes"], shape["k"]
+    torch.manual_seed(0)
+    cb = Codebook(d, CodebookConfig(num_codes=C, k=k, similarity=similarity), groups=G)
+    x = torch.randn(tokens, G * d)
+    xg = x.view(tokens, G, d).transpose(0, 1)
+    keys_t = search_keys(cb.weight.detach(), similarity)[0].transpose(1, 2).contiguous()
+    full = torch.empty(G, tokens, C)
+    upstream = torch.randn(tokens, G * d)
+
+    def bare():
+        return torch.bmm(xg, keys_t, out=full)
+
+    def ours_fwd():
+        return cb(x.requires_grad_(True)).output
+
+    def ours_fwdbwd():
+        out = cb(x.requires_grad_(True))
+        ((out.output * upstream).sum() + out.loss).backward()
+        cb.weight.grad = None
+        x.grad = None
+
+    def naive_fwd():
+        return naive_forward(x.requires_grad_(True), cb.weight, k, similarity)[0]
+
+    def naive_fwdbwd():
+        out, loss = naive_forward(x.requires_grad_(True), cb.weight, k, similarity)
+        ((out * upstream).sum() + loss).backward()
+        cb.weight.grad = None
+        x.grad = None
+
+    rows = {}
+    rows["matmul"] = measure(bare, repeats)
+    del full  # the naive and ours rows must not see it resident
+    for label, fn in [
+        ("ours fwd", ours_fwd),
+        ("ours fwd+bwd", ours_fwdbwd),
+        ("naive fwd", naive_fwd),
+        ("naive fwd+bwd", naive_fwdbwd),
+    ]:
+        rows[label] = measure(fn, repeats)
+    return {"case": name, "tokens": tokens, "similarity": similarity, **shape, "rows": rows}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--similarity", default="cosine")
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--quick", action="store_true", help="1024 tokens, 1 repeat")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.repeats = 1024, 1
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.tokens} tokens, similarity={args.similarity}"
+    )
+    results = []
+    for name in args.cases:
+        res = run_case(name, args.tokens, args.repeats, args.similarity)
+        results.append(res)
+        s = res
+        print(f"\n{name}: {s['groups']} x {s['dim']} dims, C={s['num_codes']}, k={s['k']}")
+        base = res["rows"]["matmul"]["time_s"]
+        print(f"  {'':15s} {'time s':>8s} {'x matmul':>9s} {'peak MiB':>9s}")
+        for label, row in res["rows"].items():
+            print(
+                f"  {label:15s} {row['time_s']:8.3f} {row['time_s'] / base:9.2f} "
+                f"{row['peak_extra_mib']:9.0f}"
+            )
+        r = res["rows"]
+        print(
+            f"  naive/ours peak memory, fwd+bwd: "
+            f"{r['naive fwd+bwd']['peak_extra_mib'] / max(r['ours fwd+bwd']['peak_extra_mib'], 1):.1f}x"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
