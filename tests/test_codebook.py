@@ -39,13 +39,16 @@ def brute_scores(x: torch.Tensor, w: torch.Tensor, similarity: str) -> torch.Ten
     similarity=st.sampled_from(["cosine", "inner_product", "euclidean"]),
     seed=st.integers(0, 2**31 - 1),
     chunk_mib=st.sampled_from([1e-6, 1e-3, 256.0]),
+    native=st.booleans(),
 )
-def test_topk_matches_brute_force(n, groups, dim, num_codes, k_frac, similarity, seed, chunk_mib):
+def test_topk_matches_brute_force(
+    n, groups, dim, num_codes, k_frac, similarity, seed, chunk_mib, native
+):
     k = 1 + int(k_frac * (num_codes - 2))
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, groups, dim, generator=gen)
     w = torch.randn(groups, num_codes, dim, generator=gen)
-    ids = topk_codes(x, w, k, similarity, chunk_mib)
+    ids = topk_codes(x, w, k, similarity, chunk_mib, native_search=native)
     assert ids.shape == (n, groups, k) and ids.dtype == torch.long
     ref = brute_scores(x, w, similarity)
     chosen = torch.gather(ref, 2, ids)
@@ -64,15 +67,30 @@ def test_topk_matches_brute_force(n, groups, dim, num_codes, k_frac, similarity,
     assert torch.equal(ids[clear], ref_ids[clear])
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("similarity", ["cosine", "inner_product", "euclidean"])
 @pytest.mark.parametrize("k", [1, 5])
-def test_chunked_equals_unchunked(similarity, k):
+def test_chunked_equals_unchunked(similarity, k, native):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(300, 3, 16, generator=gen)
-    w = torch.randn(3, 500, 16, generator=gen)
-    whole = topk_codes(x, w, k, similarity, chunk_mib=1e6)
+    w = torch.randn(3, 1500, 16, generator=gen)  # several code tiles in the native kernel
+    whole = topk_codes(x, w, k, similarity, chunk_mib=1e6, native_search=native)
     for mib in (1e-9, 0.01, 0.1):  # 1 row, 1 row, 17 rows per chunk
-        assert torch.equal(topk_codes(x, w, k, similarity, chunk_mib=mib), whole)
+        got = topk_codes(x, w, k, similarity, chunk_mib=mib, native_search=native)
+        assert torch.equal(got, whole)
+
+
+def test_native_kernel_is_built_and_agrees_with_pytorch():
+    from codebook_lens import _native
+
+    assert _native.load() is not None, "the compiled search kernel should build here"
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(700, 2, 32, generator=gen)  # several token tiles, a ragged last one
+    w = torch.randn(2, 1300, 32, generator=gen)
+    for similarity in ("cosine", "inner_product", "euclidean"):
+        a = topk_codes(x, w, 4, similarity, native_search=True)
+        b = topk_codes(x, w, 4, similarity, native_search=False)
+        assert (a == b).float().mean() > 0.999  # float rounding may swap a rare near-tie
 
 
 def test_chunk_budget_bounds_peak_memory(monkeypatch):
@@ -88,7 +106,7 @@ def test_chunk_budget_bounds_peak_memory(monkeypatch):
     monkeypatch.setattr(torch, "empty", spy)
     x = torch.randn(1000, 2, 8)
     w = torch.randn(2, 4000, 8)
-    topk_codes(x, w, 3, "cosine", chunk_mib=0.5)
+    topk_codes(x, w, 3, "cosine", chunk_mib=0.5, native_search=False)
     monkeypatch.undo()
     assert max(sizes) <= 0.5 * (1 << 20)
     assert max(sizes) >= 0.25 * (1 << 20)  # and it does use the budget

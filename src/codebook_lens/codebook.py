@@ -26,10 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _native
+
 Similarity = Literal["cosine", "inner_product", "euclidean"]
 SIMILARITIES: tuple[str, ...] = ("cosine", "inner_product", "euclidean")
 
 MIB = 1 << 20
+TILE_TOKENS = 256  # tile of the compiled search kernel: 256 tokens x 512 codes per thread
+TILE_CODES = 512
 
 
 @dataclass
@@ -135,12 +139,17 @@ def topk_codes(
     k: int,
     similarity: str = "cosine",
     chunk_mib: float = 256.0,
+    native_search: bool = True,
 ) -> torch.Tensor:
     """Ids of the k most similar codes, best first.
 
     x: ``(N, G, d)`` activations; weight: ``(G, C, d)`` codebooks.
     Returns ``(N, G, k)`` int64. The score matrix held at once is at most
     ``chunk_mib`` MiB (one token row at the least); chunking changes no result.
+
+    For float32 on the CPU the compiled kernel (see ``_native``) is used when it is
+    available and ``native_search``: it holds only a ``TILE_CODES x TILE_TOKENS`` tile
+    of scores per thread (512 KiB), well under any budget.
     """
     n, groups, dim = x.shape
     if weight.dim() != 3 or weight.shape[0] != groups or weight.shape[2] != dim:
@@ -150,6 +159,20 @@ def topk_codes(
         )
     num_codes = weight.shape[1]
     keys, bias = search_keys(weight.to(x.dtype), similarity)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and native_search:
+        kernel = _native.load()
+        if kernel is not None:
+            alpha = 2.0 if bias is not None else 1.0
+            no_bias = torch.empty(0)
+            return kernel.fused_topk(
+                x.transpose(0, 1).contiguous(),
+                keys.contiguous(),
+                no_bias if bias is None else bias.reshape(groups, num_codes),
+                alpha,
+                k,
+                TILE_TOKENS,
+                TILE_CODES,
+            )
     keys_t = keys.transpose(1, 2).contiguous()  # (G, d, C)
     xt = x.transpose(0, 1)  # (G, N, d), a view
     rows = min(n, chunk_rows(groups, num_codes, x.element_size(), chunk_mib * MIB))
