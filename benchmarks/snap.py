@@ -4,7 +4,7 @@ For each shape, in one run and one process:
   matmul   the bare similarity matmul of the same shape into a preallocated output
            (the FLOP floor every exact search pays),
   ours     codebook_lens.Codebook: forward, and forward+backward with the reconstruction
-           loss,
+           loss (compiled search kernel), and forward with the pure-PyTorch chunked search,
   naive    a dense PyTorch version: the full score matrix, topk, gather-sum with autograd
            and a straight-through estimator.
 Times are medians; ratios are to the bare matmul. Peak memory is the rise of resident
@@ -17,6 +17,8 @@ memory during one call (see memtime.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import sys
 from pathlib import Path
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memtime import measure  # noqa: E402
 
+import codebook_lens.codebook as codebook_mod  # noqa: E402
 from codebook_lens.codebook import Codebook, CodebookConfig, search_keys  # noqa: E402
 
 CASES = {
@@ -49,6 +52,17 @@ def naive_forward(x, weight, k, similarity):
     return out.reshape(x.shape), loss
 
 
+@contextlib.contextmanager
+def native_disabled():
+    """Run the pure-PyTorch chunked search instead of the compiled kernel."""
+    real = codebook_mod.topk_codes
+    codebook_mod.topk_codes = functools.partial(real, native_search=False)
+    try:
+        yield
+    finally:
+        codebook_mod.topk_codes = real
+
+
 def run_case(name, tokens, repeats, similarity):
     shape = CASES[name]
     G, d, C, k = shape["groups"], shape["dim"], shape["num_codes"], shape["k"]
@@ -57,11 +71,11 @@ def run_case(name, tokens, repeats, similarity):
     x = torch.randn(tokens, G * d)
     xg = x.view(tokens, G, d).transpose(0, 1)
     keys_t = search_keys(cb.weight.detach(), similarity)[0].transpose(1, 2).contiguous()
-    full = torch.empty(G, tokens, C)
+    full = [torch.empty(G, tokens, C)]  # the whole score matrix, allocated once
     upstream = torch.randn(tokens, G * d)
 
     def bare():
-        return torch.bmm(xg, keys_t, out=full)
+        return torch.bmm(xg, keys_t, out=full[0])
 
     def ours_fwd():
         return cb(x.requires_grad_(True)).output
@@ -81,12 +95,17 @@ def run_case(name, tokens, repeats, similarity):
         cb.weight.grad = None
         x.grad = None
 
+    def ours_torch_fwd():
+        with native_disabled():
+            return cb(x.requires_grad_(True)).output
+
     rows = {}
     rows["matmul"] = measure(bare, repeats)
-    del full  # the naive and ours rows must not see it resident
+    full.clear()  # the other rows must not see it resident
     for label, fn in [
         ("ours fwd", ours_fwd),
         ("ours fwd+bwd", ours_fwdbwd),
+        ("ours fwd, pytorch search", ours_torch_fwd),
         ("naive fwd", naive_fwd),
         ("naive fwd+bwd", naive_fwdbwd),
     ]:
