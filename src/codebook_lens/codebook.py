@@ -99,12 +99,15 @@ class CodebookOutput:
     codes: chosen code ids, shape ``(*batch, G, k)``, best first.
     loss: weighted reconstruction (+ commitment) loss, a scalar to add to the LM loss.
     mse: unweighted MSE between output and input (detached), for logging.
+    variance: mean per-dimension variance of the input over tokens (detached), so that
+        ``1 - mse / variance`` is the explained variance.
     """
 
     output: torch.Tensor
     codes: torch.Tensor
     loss: torch.Tensor
     mse: torch.Tensor
+    variance: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------
@@ -347,11 +350,16 @@ class Codebook(nn.Module):
             loss = loss + c.commitment_weight * F.mse_loss(a.float(), out.detach().float())
         if self.tracking:
             self._record(ids, target)
+        with torch.no_grad():
+            variance = (
+                target.float().reshape(-1, self.groups * self.dim).var(0, unbiased=False).mean()
+            )
         return CodebookOutput(
             output=out.view(x.shape),
             codes=ids.view(*x.shape[:-1], self.groups, c.k),
             loss=loss,
             mse=mse.detach(),
+            variance=variance,
         )
 
     # -- usage statistics and dead-code revival --------------------------------------------

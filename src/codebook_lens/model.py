@@ -94,6 +94,8 @@ class CodebookModelOutput:
     loss: lm_loss + reconstruction_loss when labels were given, else None.
     reconstruction_loss: sum of every codebook's weighted loss (a scalar tensor).
     site_mse: unweighted reconstruction MSE per codebook (detached), for logging.
+    site_var: variance of each codebook's input (detached): explained variance is
+        ``1 - site_mse / site_var``.
     codes: code ids per codebook, ``(batch, seq, groups, k)``, when asked for.
     """
 
@@ -102,6 +104,7 @@ class CodebookModelOutput:
     lm_loss: torch.Tensor | None
     reconstruction_loss: torch.Tensor
     site_mse: dict[str, torch.Tensor]
+    site_var: dict[str, torch.Tensor]
     codes: dict[str, torch.Tensor] | None
     lm_output: Any
 
@@ -113,6 +116,7 @@ class _Run:
         self.capture_codes = capture_codes
         self.losses: list[torch.Tensor] = []
         self.mse: dict[str, torch.Tensor] = {}
+        self.var: dict[str, torch.Tensor] = {}
         self.codes: dict[str, torch.Tensor] = {}
 
 
@@ -151,6 +155,7 @@ class CodebookModel(nn.Module):
             if run is not None:
                 run.losses.append(result.loss)
                 run.mse[key] = result.mse
+                run.var[key] = result.variance
                 if run.capture_codes:
                     run.codes[key] = result.codes
             return result.output
@@ -191,6 +196,7 @@ class CodebookModel(nn.Module):
             lm_loss=lm_loss,
             reconstruction_loss=rec,
             site_mse=run.mse,
+            site_var=run.var,
             codes=run.codes if return_codes else None,
             lm_output=lm,
         )

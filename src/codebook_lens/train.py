@@ -1,0 +1,509 @@
+"""The training loop: finetune a causal LM with codebooks (one process or many).
+
+    codebook train CONFIG.yaml [key=value ...] [--resume]
+
+Loss = LM cross-entropy + the codebooks' reconstruction loss. Runs under
+``accelerate launch`` / ``torchrun`` as well as alone: usage statistics are
+all-reduced and revived codes broadcast from rank 0, so every rank holds identical
+codebooks. Metrics go to ``OUTPUT/metrics.jsonl`` (and W&B / TensorBoard when
+asked); checkpoints to ``OUTPUT/checkpoints`` (atomic); the final model to
+``OUTPUT/model``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, to_dict
+from .data import Blocks, DataError, iter_documents, tokenize_documents
+from .model import CodebookModel, CodebookModelConfig, SiteSpec
+
+
+class TrainError(ValueError):
+    """A training setup that cannot work; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------
+# setup
+
+
+def load_base(path: str, dtype: str = "float32"):
+    """(model, tokenizer) from ``smollm2-135m`` (the offline asset) or a local directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    if path == "smollm2-135m":
+        from .assets import smollm2_dir
+
+        path = str(smollm2_dir())
+    directory = Path(path)
+    if not directory.is_dir():
+        raise TrainError(f"model directory {path} does not exist (or use model.path=smollm2-135m)")
+    if not (directory / "config.json").is_file():
+        raise TrainError(f"{path} is not a transformers model directory: config.json is missing")
+    config = AutoConfig.from_pretrained(path)
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        raise TrainError(
+            f"{path} is not a causal language model (architectures: {', '.join(archs)})"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except ValueError as err:
+        raise TrainError(f"{path} cannot be loaded as a causal language model: {err}") from None
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def build_model(cfg: TrainConfig, base) -> CodebookModel:
+    try:
+        specs = [SiteSpec.from_dict(s) for s in cfg.codebooks.sites]
+        return CodebookModel(base, CodebookModelConfig(specs))
+    except (KeyError, TypeError) as err:
+        raise TrainError(f"codebooks.sites: {err}") from None
+
+
+def lr_lambda(cfg: TrainConfig):
+    warm, total, kind = cfg.schedule.warmup_steps, cfg.schedule.max_steps, cfg.schedule.scheduler
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return factor
+
+
+def make_optimizer(cfg: TrainConfig, model: CodebookModel) -> torch.optim.Optimizer:
+    code_params = list(model.codebooks.parameters())
+    code_ids = {id(p) for p in code_params}
+    base_params = [p for p in model.parameters() if id(p) not in code_ids]
+    if cfg.optim.freeze_base:
+        for p in base_params:
+            p.requires_grad_(False)
+    groups = [{"params": code_params, "lr": cfg.optim.codebook_lr, "weight_decay": 0.0}]
+    if not cfg.optim.freeze_base:
+        groups.append(
+            {"params": base_params, "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}
+        )
+    return torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas))
+
+
+@torch.no_grad()
+def kmeans_init(
+    model: CodebookModel, blocks: Blocks, tokens: int, batch_size: int, seed: int
+) -> None:
+    """Initialise every codebook to k-means centroids of its site's activations.
+
+    Activations are collected with the codebooks off (the base model's own
+    activations) from the first ``tokens`` tokens of the training stream.
+    """
+    samples: dict[str, list[torch.Tensor]] = {k: [] for k in model.codebooks}
+    from . import sites as S
+
+    handles = []
+    for key, (site, layer) in model.placement.items():
+
+        def grab(x, key=key):
+            samples[key].append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
+
+        handles.append(S.attach(model.model, site, layer, grab))
+    try:
+        with model.codebooks_disabled():
+            seen, index = 0, 0
+            while seen < tokens:
+                batch = blocks.batch(seed + 7919, index, batch_size)
+                model(batch.to(next(model.parameters()).device))
+                seen += batch.numel()
+                index += 1
+    finally:
+        for h in handles:
+            h.remove()
+    gen = torch.Generator().manual_seed(seed)
+    for key, cb in tqdm(model.codebooks.items(), desc="k-means init", leave=False):
+        cb.kmeans_init_(torch.cat(samples[key])[:tokens].to(cb.weight.device), generator=gen)
+
+
+# ----------------------------------------------------------------------------------------
+# metrics
+
+
+@dataclass
+class Window:
+    """Running sums over one logging window."""
+
+    steps: int = 0
+    lm: float = 0.0
+    rec: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def reset(self) -> None:
+        self.steps, self.lm, self.rec, self.tokens, self.seconds = 0, 0.0, 0.0, 0, 0.0
+
+
+def codebook_metrics(
+    model: CodebookModel, usage_before: dict[str, torch.Tensor], mse: dict, var: dict
+) -> dict:
+    """Per site: reconstruction MSE, explained variance, dead-code fraction, usage perplexity."""
+    out = {}
+    for key, cb in model.codebooks.items():
+        window = (cb.usage - usage_before[key]).double()  # (G, C) counts this window
+        total = window.sum(-1, keepdim=True).clamp(min=1)
+        p = window / total
+        entropy = -(p * torch.log(p.clamp(min=1e-30))).sum(-1)
+        m = sum(mse[key]) / max(1, len(mse[key]))
+        v = sum(var[key]) / max(1, len(var[key]))
+        out[key] = {
+            "mse": m,
+            "explained_variance": 1.0 - m / v if v > 0 else float("nan"),
+            "dead_fraction": float((window == 0).double().mean()),
+            "usage_perplexity": float(entropy.exp().mean()),
+        }
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: CodebookModel, batches: list[torch.Tensor], device) -> dict:
+    """LM loss and next-token accuracy of the codebook model and of the base model.
+
+    Usage tracking is paused: evaluation must not count toward training usage or
+    dead-code revival.
+    """
+    tracking = {k: cb.tracking for k, cb in model.codebooks.items()}
+    model.track_usage(False)
+    model.eval()
+    sums = {"codebook": [0.0, 0, 0], "base": [0.0, 0, 0]}
+    for batch in batches:
+        batch = batch.to(device)
+        for name in ("codebook", "base"):
+            if name == "base":
+                with model.codebooks_disabled():
+                    out = model(batch, labels=batch)
+            else:
+                out = model(batch, labels=batch)
+            n = batch[:, 1:].numel()
+            pred = out.logits[:, :-1].argmax(-1)
+            sums[name][0] += out.lm_loss.item() * n
+            sums[name][1] += int((pred == batch[:, 1:]).sum())
+            sums[name][2] += n
+    model.train()
+    for key, cb in model.codebooks.items():
+        cb.track_usage(tracking[key])
+    return {
+        f"{name}.{metric}": value
+        for name, (loss, correct, n) in sums.items()
+        for metric, value in (("lm_loss", loss / n), ("accuracy", correct / n))
+    }
+
+
+class MetricsLog:
+    """JSON lines on the main process, mirrored to W&B / TensorBoard when asked."""
+
+    def __init__(self, path: Path, cfg: TrainConfig, main: bool, resume: bool) -> None:
+        self.main = main
+        self.path = path
+        self.tb = self.wandb = None
+        if not main:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and path.exists():
+            path.unlink()
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+        if cfg.logging.wandb:
+            import wandb
+
+            self.wandb = wandb.init(
+                project="codebook-lens", config=to_dict(cfg), dir=str(path.parent)
+            )
+
+    def write(self, record: dict) -> None:
+        if not self.main:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        flat = _flatten(record)
+        step = record.get("step", 0)
+        if self.tb is not None:
+            for k, v in flat.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(flat, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# distributed helpers
+
+
+def _sync_usage_and_revive(
+    model: CodebookModel, cfg: TrainConfig, optimizer, step: int, world: int
+) -> int:
+    """All ranks agree on which codes were used, age idle codes, revive dead ones identically."""
+    revived = 0
+    gen = torch.Generator().manual_seed(cfg.schedule.seed * 7_777_777 + step)
+    for cb in model.codebooks.values():
+        if world > 1:
+            used = cb._used.to(torch.int32)
+            dist.all_reduce(used, op=dist.ReduceOp.MAX)
+            cb._used.copy_(used.bool())
+        cb.step_idle()
+        if cfg.codebooks.revive_after_steps:
+            revived += cb.revive_dead_codes(
+                cfg.codebooks.revive_after_steps, optimizer, generator=gen
+            )
+            if world > 1:
+                dist.broadcast(cb.weight.data, src=0)
+    return revived
+
+
+# ----------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = None) -> dict:
+    """Run training as configured; returns the last eval metrics (and the output paths).
+
+    ``stop_at_step`` ends the run right after that step's checkpoint, as an
+    interruption would (used to test resuming).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    mp = cfg.schedule.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=mp)
+    world, rank, main = (
+        accelerator.num_processes,
+        accelerator.process_index,
+        accelerator.is_main_process,
+    )
+    out_dir = Path(cfg.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    set_seed(cfg.schedule.seed)
+
+    base, tokenizer = load_base(cfg.model.path, cfg.model.dtype)
+    model = build_model(cfg, base)
+    seq = cfg.data.seq_len
+    max_pos = getattr(base.config, "max_position_embeddings", None)
+    if max_pos is not None and seq > max_pos:
+        raise TrainError(
+            f"data.seq_len={seq} exceeds the model's max_position_embeddings={max_pos}"
+        )
+    try:
+        train_tokens = tokenize_documents(
+            iter_documents(cfg.data.corpus, "train", cfg.data.text_field, cfg.data.eval_fraction),
+            tokenizer,
+            cfg.data.max_train_tokens,
+            desc="tokenizing train",
+        )
+        eval_tokens = tokenize_documents(
+            iter_documents(cfg.data.corpus, "eval", cfg.data.text_field, cfg.data.eval_fraction),
+            tokenizer,
+            None,
+            desc="tokenizing eval",
+        )
+        train_blocks = Blocks(train_tokens, seq, "training corpus")
+        eval_blocks = Blocks(eval_tokens, seq, "eval split")
+    except DataError as err:
+        raise TrainError(str(err)) from None
+    per_step = cfg.schedule.batch_size * world
+    if len(train_blocks) < per_step:
+        raise TrainError(
+            f"the training corpus has {len(train_blocks)} blocks of {seq} tokens, fewer than one "
+            f"batch ({cfg.schedule.batch_size} x {world} process(es))"
+        )
+
+    existing = ckpt.list_checkpoints(ckpt_root)
+    start_step = 0
+    if cfg.codebooks.kmeans_init and not (resume and existing):
+        kmeans_init(
+            model,
+            train_blocks,
+            cfg.codebooks.kmeans_tokens,
+            cfg.schedule.batch_size,
+            cfg.schedule.seed,
+        )
+    model.track_usage(True)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    if resume and existing:
+        weights, opt_tensors, rng_tensors, meta = ckpt.read_checkpoint(existing[-1])
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise TrainError(
+                f"checkpoint {existing[-1]} does not fit this model: unexpected {unexpected[:5]}"
+            )
+        ckpt.optimizer_from_files(optimizer, opt_tensors, meta["optimizer"])
+        scheduler.load_state_dict(meta["scheduler"])
+        ckpt.set_rng_state(rng_tensors, meta["rng"])
+        start_step = meta["step"]
+        if main:
+            print(f"resuming from {existing[-1]} at step {start_step}")
+    elif resume and main:
+        print(f"no checkpoint in {ckpt_root}; starting from scratch")
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw: CodebookModel = accelerator.unwrap_model(model)
+    device = accelerator.device
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    log = MetricsLog(out_dir / "metrics.jsonl", cfg, main, resume and bool(existing))
+    eval_batches = eval_blocks.first(cfg.eval.batches, cfg.schedule.batch_size)
+
+    accum = cfg.schedule.grad_accum
+    window = Window()
+    usage_before = {k: cb.usage.clone() for k, cb in raw.codebooks.items()}
+    mse: dict[str, list[float]] = {k: [] for k in raw.codebooks}
+    var: dict[str, list[float]] = {k: [] for k in raw.codebooks}
+    last_eval: dict = {}
+    model.train()
+    bar = tqdm(
+        range(start_step, cfg.schedule.max_steps),
+        initial=start_step,
+        total=cfg.schedule.max_steps,
+        desc="training",
+        unit="step",
+        disable=not main,
+    )
+    for step in bar:
+        t0 = time.perf_counter()
+        for micro in range(accum):
+            index = (step * accum + micro) * world + rank
+            batch = train_blocks.batch(cfg.schedule.seed, index, cfg.schedule.batch_size).to(device)
+            sync = micro == accum - 1
+            ctx = accelerator.no_sync(model) if not sync and world > 1 else _null()
+            with ctx, accelerator.autocast():
+                out = model(batch, labels=batch, return_codes=False)
+                loss = out.loss / accum
+            accelerator.backward(loss)
+            window.lm += out.lm_loss.item() / accum
+            window.rec += out.reconstruction_loss.item() / accum
+            for key, value in out.site_mse.items():
+                mse[key].append(value.item())
+                var[key].append(out.site_var[key].item())
+        if cfg.optim.grad_clip:
+            accelerator.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        revived = _sync_usage_and_revive(raw, cfg, optimizer, step, world)
+        window.steps += 1
+        window.tokens += accum * per_step * seq
+        window.seconds += time.perf_counter() - t0
+        done = step + 1
+        if main:
+            bar.set_postfix(
+                lm=f"{out.lm_loss.item():.3f}",
+                rec=f"{out.reconstruction_loss.item():.3f}",
+                tok_s=f"{window.tokens / max(window.seconds, 1e-9):.0f}",
+            )
+        if done % cfg.logging.every == 0 or done == cfg.schedule.max_steps:
+            record = {
+                "step": done,
+                "lm_loss": window.lm / window.steps,
+                "reconstruction_loss": window.rec / window.steps,
+                "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
+                "lr": scheduler.get_last_lr()[-1],
+                "codebook_lr": scheduler.get_last_lr()[0],
+                "revived": revived,
+                "sites": codebook_metrics(raw, usage_before, mse, var),
+            }
+            log.write(record)
+            window.reset()
+            usage_before = {k: cb.usage.clone() for k, cb in raw.codebooks.items()}
+            mse = {k: [] for k in raw.codebooks}
+            var = {k: [] for k in raw.codebooks}
+        if done % cfg.eval.every == 0 or done == cfg.schedule.max_steps:
+            last_eval = evaluate(raw, eval_batches, device)
+            log.write({"step": done, "eval": last_eval})
+        if (
+            done % cfg.checkpoint.every == 0
+            or done == cfg.schedule.max_steps
+            or done == stop_at_step
+        ):
+            accelerator.wait_for_everyone()
+            if main:
+                ckpt.write_checkpoint(
+                    ckpt_root,
+                    done,
+                    _trainable_state(raw, cfg),
+                    optimizer,
+                    scheduler,
+                    {"data_index": (done * accum) * world},
+                    cfg.checkpoint.keep,
+                )
+            accelerator.wait_for_everyone()
+        if stop_at_step is not None and done >= stop_at_step:
+            log.close()
+            return {"stopped_at": done, **last_eval}
+    if main:
+        raw.save_pretrained(out_dir / "model", include_base=not cfg.optim.freeze_base)
+        if not cfg.optim.freeze_base:
+            tokenizer.save_pretrained(str(out_dir / "model" / "base"))
+    log.close()
+    accelerator.wait_for_everyone()
+    return {"output_dir": str(out_dir), **last_eval}
+
+
+def _trainable_state(model: CodebookModel, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """What a checkpoint must hold: codebooks (+ buffers), and the base unless frozen.
+
+    Tied weights are stored once (safetensors refuses shared storage).
+    """
+    state = model.state_dict()
+    if cfg.optim.freeze_base:
+        state = {k: v for k, v in state.items() if k.startswith("codebooks.")}
+    seen: set[int] = set()
+    unique = {}
+    for k, v in state.items():
+        ptr = v.data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        unique[k] = v
+    return unique
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

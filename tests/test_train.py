@@ -1,0 +1,139 @@
+"""The training loop on a tiny local model: metrics, exact resume, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import corpus_text, save_tiny_lm
+from safetensors.torch import load_file
+
+from codebook_lens.cli import main as cli_main
+from codebook_lens.config import load_train_config
+from codebook_lens.train import TrainError, train
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    save_tiny_lm(root / "model")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc{i:02d}.txt").write_text(corpus_text(30, seed=i))
+    return root
+
+
+def make_cfg(tiny_dir, out, *extra):
+    return load_train_config(
+        None,
+        [
+            f"output_dir={out}",
+            f"model.path={tiny_dir / 'model'}",
+            f"data.corpus={tiny_dir / 'corpus'}",
+            "data.seq_len=32",
+            "data.eval_fraction=0.1",
+            "codebooks.sites=[{site: attn_heads, codebook: {num_codes: 32, k: 1}}, "
+            "{site: mlp, layers: [1], codebook: {num_codes: 64, k: 2}}]",
+            "codebooks.revive_after_steps=2",
+            "schedule.max_steps=6",
+            "schedule.batch_size=4",
+            "schedule.grad_accum=2",
+            "schedule.warmup_steps=2",
+            "logging.every=2",
+            "eval.every=3",
+            "eval.batches=2",
+            "checkpoint.every=100",
+            *extra,
+        ],
+    )
+
+
+def test_train_writes_metrics_and_model(tiny_dir, tmp_path):
+    result = train(make_cfg(tiny_dir, tmp_path / "run"))
+    assert {"codebook.lm_loss", "base.lm_loss", "codebook.accuracy", "base.accuracy"} <= set(result)
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    train_records = [r for r in records if "lm_loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6]
+    site = train_records[-1]["sites"]["layer1_mlp"]
+    assert set(site) == {"mse", "explained_variance", "dead_fraction", "usage_perplexity"}
+    assert 0 <= site["dead_fraction"] <= 1 and site["usage_perplexity"] >= 1
+    assert train_records[-1]["tokens_per_s"] > 0
+    assert any("eval" in r for r in records)
+    assert (tmp_path / "run" / "model" / "codebooks.safetensors").is_file()
+    assert (tmp_path / "run" / "model" / "base" / "tokenizer.json").is_file()
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_dir, tmp_path):
+    train(make_cfg(tiny_dir, tmp_path / "full"))
+    train(make_cfg(tiny_dir, tmp_path / "cut"), stop_at_step=3)
+    ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert ckpts == ["step-0000003"]
+    train(make_cfg(tiny_dir, tmp_path / "cut"), resume=True)
+    a = load_file(str(tmp_path / "full" / "model" / "codebooks.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "codebooks.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    base_a = load_file(str(tmp_path / "full" / "model" / "base" / "model.safetensors"))
+    base_b = load_file(str(tmp_path / "cut" / "model" / "base" / "model.safetensors"))
+    for key in base_a:
+        assert torch.equal(base_a[key], base_b[key]), key
+    last = lambda p: [json.loads(x) for x in p.read_text().splitlines()][-1]  # noqa: E731
+    assert last(tmp_path / "full" / "metrics.jsonl") == last(tmp_path / "cut" / "metrics.jsonl")
+
+
+def test_freeze_base_trains_codebooks_only(tiny_dir, tmp_path):
+    cfg = make_cfg(tiny_dir, tmp_path / "frozen", "optim.freeze_base=true", "schedule.max_steps=2")
+    train(cfg)
+    model_dir = tmp_path / "frozen" / "model"
+    assert (model_dir / "codebooks.safetensors").is_file()
+    assert not (model_dir / "base").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["model.path=/nonexistent/model"], "does not exist"),
+        (["data.corpus=/nonexistent/corpus"], "neither 'offline' nor an existing"),
+        (["codebooks.sites=[{site: ffn}]"], "site 'ffn' is not supported"),
+        (["codebooks.sites=[{site: mlp, layers: [5]}]"], "layer 5 is out of range"),
+        (["codebooks.sites=[{site: mlp, codebook: {num_codes: 8, k: 8}}]"], "k must be"),
+        (["data.seq_len=4096"], "exceeds the model's max_position_embeddings"),
+        (["schedule.batch_size=100000"], "fewer than one batch"),
+    ],
+)
+def test_bad_setups_fail_clearly_without_output(tiny_dir, tmp_path, extra, match):
+    out = tmp_path / "bad"
+    with pytest.raises((TrainError, ValueError), match=match):
+        train(make_cfg(tiny_dir, out, *extra))
+    assert not out.exists()
+
+
+def test_not_a_causal_lm(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(
+        BertConfig(
+            num_hidden_layers=1,
+            hidden_size=32,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=50,
+        )
+    ).save_pretrained(tmp_path / "bert")
+    cfg = load_train_config(
+        None, [f"model.path={tmp_path / 'bert'}", f"output_dir={tmp_path / 'o'}"]
+    )
+    with pytest.raises(TrainError, match="is not a causal language model"):
+        train(cfg)
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  codebok_lr: 1\n")
+    assert cli_main(["train", str(path)]) == 2
+    assert "did you mean 'codebook_lr'" in capsys.readouterr().err
