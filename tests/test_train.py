@@ -137,3 +137,52 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     path.write_text("optim:\n  codebok_lr: 1\n")
     assert cli_main(["train", str(path)]) == 2
     assert "did you mean 'codebook_lr'" in capsys.readouterr().err
+
+
+def test_two_processes_hold_identical_codebooks(tiny_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo): usage synced, revived codes identical."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    args = [
+        f"output_dir={out}",
+        f"model.path={tiny_dir / 'model'}",
+        f"data.corpus={tiny_dir / 'corpus'}",
+        "data.seq_len=32",
+        "data.eval_fraction=0.1",
+        "codebooks.sites=[{site: mlp, codebook: {num_codes: 64, k: 2}}]",
+        "codebooks.revive_after_steps=1",
+        "schedule.max_steps=4",
+        "schedule.batch_size=2",
+        "schedule.grad_accum=2",
+        "logging.every=2",
+        "eval.every=4",
+        "eval.batches=1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CODEBOOK_LENS_NATIVE": "0"}
+    config = tmp_path / "ddp.yaml"
+    config.write_text("logging:\n  every: 2\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "codebook_lens.cli",
+        "train",
+        str(config),
+        *args,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "ranks_identical" in r]
+    assert final == [{"step": 4, "processes": 2, "ranks_identical": True}]
+    revived = sum(r.get("revived", 0) for r in records)
+    assert revived > 0  # revival happened and was synchronised
+    usage = load_file(str(out / "model" / "codebooks.safetensors"))["layer0_mlp.usage"]
+    # both ranks' tokens are counted: 4 steps x 2 micro x 2 ranks x 2 rows x 32 tokens x k=2
+    assert int(usage.sum()) == 4 * 2 * 2 * 2 * 32 * 2

@@ -268,25 +268,62 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 # distributed helpers
 
 
-def _sync_usage_and_revive(
-    model: CodebookModel, cfg: TrainConfig, optimizer, step: int, world: int
-) -> int:
-    """All ranks agree on which codes were used, age idle codes, revive dead ones identically."""
-    revived = 0
-    gen = torch.Generator().manual_seed(cfg.schedule.seed * 7_777_777 + step)
-    for cb in model.codebooks.values():
-        if world > 1:
-            used = cb._used.to(torch.int32)
-            dist.all_reduce(used, op=dist.ReduceOp.MAX)
-            cb._used.copy_(used.bool())
-        cb.step_idle()
-        if cfg.codebooks.revive_after_steps:
-            revived += cb.revive_dead_codes(
-                cfg.codebooks.revive_after_steps, optimizer, generator=gen
-            )
-            if world > 1:
-                dist.broadcast(cb.weight.data, src=0)
-    return revived
+class UsageSync:
+    """Keeps every rank's usage statistics identical and revives dead codes identically.
+
+    After each optimizer step: usage counts of the step are summed over ranks, the
+    "used this step" flags are OR-ed, idle counters advance, dead codes are re-seeded
+    with a generator seeded by the step, and the revived weights are broadcast from
+    rank 0 (whose recent inputs seeded them). With one process these are no-ops
+    around :meth:`Codebook.step_idle` and :meth:`Codebook.revive_dead_codes`.
+    """
+
+    def __init__(self, model: CodebookModel, world: int) -> None:
+        self.model = model
+        self.world = world
+        self.synced = {k: cb.usage.clone() for k, cb in model.codebooks.items()}
+
+    @torch.no_grad()
+    def after_step(self, cfg: TrainConfig, optimizer, step: int) -> int:
+        revived = 0
+        gen = torch.Generator().manual_seed(cfg.schedule.seed * 7_777_777 + step)
+        for key, cb in self.model.codebooks.items():
+            if self.world > 1:
+                delta = cb.usage - self.synced[key]
+                dist.all_reduce(delta)
+                cb.usage.copy_(self.synced[key] + delta)
+                used = cb._used.to(torch.int32)
+                dist.all_reduce(used, op=dist.ReduceOp.MAX)
+                cb._used.copy_(used.bool())
+            self.synced[key] = cb.usage.clone()
+            cb.step_idle()
+            if cfg.codebooks.revive_after_steps:
+                count = cb.revive_dead_codes(
+                    cfg.codebooks.revive_after_steps, optimizer, generator=gen
+                )
+                if count and self.world > 1:
+                    dist.broadcast(cb.weight.data, src=0)
+                revived += count
+        return revived
+
+    @torch.no_grad()
+    def check_identical(self) -> bool:
+        """True when every rank holds the same codebooks and statistics (checked by sums)."""
+        if self.world == 1:
+            return True
+        parts = []
+        for cb in self.model.codebooks.values():
+            parts += [
+                cb.weight.double().sum(),
+                (cb.weight.double() ** 2).sum(),
+                cb.usage.double().sum(),
+                (cb.usage.double() * torch.arange(cb.usage.numel()).view_as(cb.usage)).sum(),
+                cb.idle_steps.double().sum(),
+            ]
+        mine = torch.stack(parts)
+        gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(gathered, mine)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 # ----------------------------------------------------------------------------------------
@@ -300,12 +337,17 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
     interruption would (used to test resuming).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     mp = cfg.schedule.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mp)
+    # buffers (usage statistics) are synchronised by UsageSync, not broadcast by DDP
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    # without a GPU, run on the CPU (several CPU processes then use gloo)
+    accelerator = Accelerator(
+        mixed_precision=mp, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available()
+    )
     world, rank, main = (
         accelerator.num_processes,
         accelerator.process_index,
@@ -378,6 +420,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw: CodebookModel = accelerator.unwrap_model(model)
+    usage_sync = UsageSync(raw, world)
     device = accelerator.device
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -423,7 +466,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        revived = _sync_usage_and_revive(raw, cfg, optimizer, step, world)
+        revived = usage_sync.after_step(cfg, optimizer, step)
         window.steps += 1
         window.tokens += accum * per_step * seq
         window.seconds += time.perf_counter() - t0
@@ -473,13 +516,19 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
         if stop_at_step is not None and done >= stop_at_step:
             log.close()
             return {"stopped_at": done, **last_eval}
+    identical = usage_sync.check_identical()
+    if not identical:
+        raise RuntimeError("ranks ended with different codebooks; usage synchronisation failed")
     if main:
+        log.write(
+            {"step": cfg.schedule.max_steps, "processes": world, "ranks_identical": identical}
+        )
         raw.save_pretrained(out_dir / "model", include_base=not cfg.optim.freeze_base)
         if not cfg.optim.freeze_base:
             tokenizer.save_pretrained(str(out_dir / "model" / "base"))
     log.close()
     accelerator.wait_for_everyone()
-    return {"output_dir": str(out_dir), **last_eval}
+    return {"output_dir": str(out_dir), "processes": world, **last_eval}
 
 
 def _trainable_state(model: CodebookModel, cfg: TrainConfig) -> dict[str, torch.Tensor]:
