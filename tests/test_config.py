@@ -47,3 +47,15 @@ def test_bad_override_and_missing_file(tmp_path):
         load_train_config(None, ["optim.lr"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_train_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["smollm2-cpu.yaml", "paper-gpu.yaml"])
+def test_shipped_configs_parse(name):
+    from pathlib import Path
+
+    from codebook_lens.model import SiteSpec
+
+    cfg = load_train_config(Path(__file__).parent.parent / "configs" / name)
+    assert cfg.model.path == "smollm2-135m"
+    specs = [SiteSpec.from_dict(s) for s in cfg.codebooks.sites]
+    assert specs and all(s.codebook.k < s.codebook.num_codes for s in specs)
