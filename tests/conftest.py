@@ -4,52 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    GPTNeoConfig,
-    GPTNeoXConfig,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-)
+from transformers import AutoModelForCausalLM
+
+from codebook_lens.selfcheck import tiny_config as shared_tiny_config
 
 VOCAB = 97
 
 
 def tiny_config(family: str):
-    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    if family == "gpt2":
-        return GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, **common)
-    if family == "gpt_neo":
-        return GPTNeoConfig(
-            num_layers=2,
-            hidden_size=32,
-            num_heads=4,
-            max_position_embeddings=64,
-            attention_types=[[["global", "local"], 1]],
-            window_size=8,
-            **common,
-        )
-    if family == "gpt_neox":
-        return GPTNeoXConfig(
-            num_hidden_layers=2,
-            hidden_size=32,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            **common,
-        )
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
-    return cls(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        **common,
-    )
+    return shared_tiny_config(family, hidden=32, vocab=VOCAB, positions=64)
 
 
 FAMILY_NAMES = ["gpt2", "gpt_neo", "gpt_neox", "llama", "qwen2", "mistral"]

@@ -19,33 +19,42 @@ from .model import CodebookModel, CodebookModelConfig, SiteSpec
 from .sites import FAMILIES, SITES
 
 
-def tiny_base(family: str):
-    """A 2-layer random model of ``family`` with hidden size 64 and 4 heads."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def tiny_config(
+    family: str, hidden: int = 64, vocab: int = 128, layers: int = 2, positions: int = 128
+):
+    """Config of a small random model of ``family``: 4 heads (2 KV heads where grouped)."""
+    from transformers import AutoConfig
 
-    sizes = dict(
-        vocab_size=128,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-    )
+    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     if family == "gpt2":
-        sizes = dict(vocab_size=128, n_embd=64, n_head=4, n_layer=2, n_positions=128)
+        sizes = dict(n_embd=hidden, n_head=4, n_layer=layers, n_positions=positions)
     elif family == "gpt_neo":
         sizes = dict(
-            vocab_size=128,
-            hidden_size=64,
+            hidden_size=hidden,
             num_heads=4,
-            num_layers=2,
-            max_position_embeddings=128,
-            attention_types=[[["global", "local"], 1]],
+            num_layers=layers,
+            max_position_embeddings=positions,
+            attention_types=[[["global", "local"], layers // 2]],
+            window_size=8,
         )
-    elif family in ("llama", "mistral", "qwen2"):
-        sizes["num_key_value_heads"] = 2
-    config = AutoConfig.for_model(family, bos_token_id=0, eos_token_id=1, **sizes)
-    return AutoModelForCausalLM.from_config(config).eval()
+    else:
+        sizes = dict(
+            hidden_size=hidden,
+            num_attention_heads=4,
+            num_hidden_layers=layers,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=positions,
+        )
+        if family in ("llama", "mistral", "qwen2"):
+            sizes["num_key_value_heads"] = 2
+    return AutoConfig.for_model(family, **common, **sizes)
+
+
+def tiny_base(family: str):
+    """A 2-layer random model of ``family`` with hidden size 64 and 4 heads."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(tiny_config(family)).eval()
 
 
 def check_family(family: str, steps: int = 20) -> dict:
