@@ -1,0 +1,209 @@
+"""TokFSM: the paper's algorithmic task.
+
+A finite state machine of N states, each with a fixed set of distinct successors
+chosen uniformly at random. A state is written as ``digits`` base-``base`` tokens
+(N = 100, base 10: two digit tokens); the vocabulary is the ``base`` digits plus one
+BOS/EOS token. A sequence is BOS followed by a random walk from a random start state,
+cut to ``seq_len`` tokens. Generation is vectorised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class FSM:
+    """A random-successor state machine.
+
+    successors: (num_states, out_degree) int64, distinct successors per state, uniform.
+    """
+
+    num_states: int
+    out_degree: int
+    base: int
+    seed: int
+    successors: torch.Tensor
+
+    @classmethod
+    def random(
+        cls, num_states: int = 100, out_degree: int = 10, base: int = 10, seed: int = 0
+    ) -> FSM:
+        if num_states < 2:
+            raise ValueError(f"num_states must be >= 2, got {num_states}")
+        if not 1 <= out_degree <= num_states:
+            raise ValueError(
+                f"out_degree must be in 1..num_states ({num_states}), got {out_degree}"
+            )
+        if base < 2:
+            raise ValueError(f"base must be >= 2, got {base}")
+        gen = torch.Generator().manual_seed(seed)
+        # distinct successors per state: the first out_degree entries of a random permutation
+        keys = torch.rand(num_states, num_states, generator=gen)
+        successors = keys.argsort(dim=1)[:, :out_degree].sort(dim=1).values
+        return cls(num_states, out_degree, base, seed, successors)
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    @property
+    def digits(self) -> int:
+        """Tokens per state."""
+        return max(1, math.ceil(math.log(self.num_states, self.base) - 1e-9))
+
+    @property
+    def bos(self) -> int:
+        return self.base
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base + 1
+
+    def encode_states(self, states: torch.Tensor) -> torch.Tensor:
+        """(..., S) states -> (..., S * digits) digit tokens, most significant first."""
+        powers = self.base ** torch.arange(self.digits - 1, -1, -1, device=states.device)
+        digits = (states.unsqueeze(-1) // powers) % self.base
+        return digits.flatten(-2)
+
+    def decode_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., S * digits) digit tokens -> (..., S) states (-1 where a token is not a digit
+        or the number is not a state)."""
+        shape = tokens.shape[:-1]
+        usable = tokens.shape[-1] // self.digits * self.digits
+        groups = tokens[..., :usable].reshape(*shape, -1, self.digits)
+        powers = self.base ** torch.arange(self.digits - 1, -1, -1, device=tokens.device)
+        valid = ((groups >= 0) & (groups < self.base)).all(-1)
+        states = (groups.clamp(0, self.base - 1) * powers).sum(-1)
+        return torch.where(valid & (states < self.num_states), states, torch.full_like(states, -1))
+
+    # -- transitions -----------------------------------------------------------------------
+
+    def adjacency(self) -> torch.Tensor:
+        """(N, N) bool: adjacency[a, b] when b is a successor of a."""
+        adj = torch.zeros(self.num_states, self.num_states, dtype=torch.bool)
+        adj.scatter_(1, self.successors, True)
+        return adj
+
+    def walks(
+        self, batch: int, num_states: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(batch, num_states) random walks from uniform random start states."""
+        states = torch.empty(batch, num_states, dtype=torch.long)
+        states[:, 0] = torch.randint(0, self.num_states, (batch,), generator=generator)
+        choice = torch.randint(0, self.out_degree, (batch, num_states), generator=generator)
+        for t in range(1, num_states):
+            states[:, t] = self.successors[states[:, t - 1], choice[:, t]]
+        return states
+
+    def sequences(
+        self, batch: int, seq_len: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(batch, seq_len) token sequences: BOS, then a random walk written in digits."""
+        n_states = math.ceil((seq_len - 1) / self.digits)
+        tokens = self.encode_states(self.walks(batch, n_states, generator))
+        bos = torch.full((batch, 1), self.bos, dtype=torch.long)
+        return torch.cat([bos, tokens], dim=1)[:, :seq_len]
+
+    def next_state_distribution(self, state: int) -> torch.Tensor:
+        """(N,) true distribution of the state after ``state`` (uniform over successors)."""
+        dist = torch.zeros(self.num_states)
+        dist[self.successors[state]] = 1.0 / self.out_degree
+        return dist
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["successors"] = self.successors.tolist()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> FSM:
+        fsm = cls(
+            int(data["num_states"]),
+            int(data["out_degree"]),
+            int(data["base"]),
+            int(data["seed"]),
+            torch.tensor(data["successors"], dtype=torch.long),
+        )
+        if fsm.successors.shape != (fsm.num_states, fsm.out_degree):
+            raise ValueError(
+                f"successors has shape {tuple(fsm.successors.shape)}, expected "
+                f"({fsm.num_states}, {fsm.out_degree})"
+            )
+        return fsm
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> FSM:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+# ----------------------------------------------------------------------------------------
+# metrics
+
+
+def transition_validity(fsm: FSM, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For sequences that start with BOS: (valid transition fraction, first-transition valid).
+
+    Each sequence's digits after BOS are read as states; every consecutive pair is a
+    transition, valid when it is an edge of the FSM (an unreadable state makes both of
+    its transitions invalid). Returns per-sequence tensors.
+    """
+    states = fsm.decode_states(tokens[:, 1:])
+    if states.shape[1] < 2:
+        raise ValueError("sequences need at least two states after BOS")
+    a, b = states[:, :-1], states[:, 1:]
+    ok = (a >= 0) & (b >= 0)
+    adj = fsm.adjacency()
+    valid = ok & adj[a.clamp(min=0), b.clamp(min=0)]
+    return valid.float().mean(1), valid[:, 0].float()
+
+
+@torch.no_grad()
+def lm_metrics(model, tokens: torch.Tensor) -> dict:
+    """Mean next-token loss and accuracy of ``model`` (any callable returning ``.logits``)."""
+    logits = model(tokens).logits[:, :-1]
+    target = tokens[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    )
+    acc = (logits.argmax(-1) == target).float().mean()
+    return {"lm_loss": loss.item(), "next_token_accuracy": acc.item()}
+
+
+@torch.no_grad()
+def sample(
+    model,
+    fsm: FSM,
+    batch: int,
+    seq_len: int,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """(batch, seq_len) sequences sampled from ``model`` starting at BOS (no KV cache needed:
+    the sequences are short)."""
+    tokens = torch.full((batch, 1), fsm.bos, dtype=torch.long)
+    for _ in range(seq_len - 1):
+        logits = model(tokens).logits[:, -1].float() / temperature
+        probs = torch.softmax(logits, dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=generator)
+        tokens = torch.cat([tokens, nxt], dim=1)
+    return tokens
+
+
+def state_metrics(model, fsm: FSM, batch: int, seq_len: int, seed: int = 0) -> dict:
+    """State accuracy (valid transitions among sampled ones) and first-transition accuracy."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = sample(model, fsm, batch, seq_len, gen)
+    per_seq, first = transition_validity(fsm, tokens)
+    return {
+        "state_accuracy": per_seq.mean().item(),
+        "first_transition_accuracy": first.mean().item(),
+    }

@@ -1,0 +1,80 @@
+"""TokFSM generation and metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from codebook_lens.fsm import FSM, lm_metrics, transition_validity
+
+
+def test_fsm_structure_and_generation_is_valid():
+    fsm = FSM.random(num_states=100, out_degree=10, base=10, seed=3)
+    assert fsm.successors.shape == (100, 10)
+    # successors distinct per state
+    assert all(len(set(row.tolist())) == 10 for row in fsm.successors)
+    assert fsm.digits == 2 and fsm.vocab_size == 11 and fsm.bos == 10
+    gen = torch.Generator().manual_seed(0)
+    seqs = fsm.sequences(64, 128, gen)
+    assert seqs.shape == (64, 128)
+    assert (seqs[:, 0] == fsm.bos).all() and (seqs[:, 1:] < 10).all()
+    states = fsm.decode_states(seqs[:, 1:])
+    adj = fsm.adjacency()
+    assert adj[states[:, :-1], states[:, 1:]].all()  # every transition is an edge
+    per_seq, first = transition_validity(fsm, seqs)
+    assert torch.equal(per_seq, torch.ones(64)) and torch.equal(first, torch.ones(64))
+    # start states and successors are used roughly uniformly
+    counts = torch.bincount(states[:, 0], minlength=100)
+    assert counts.max() <= 8
+
+
+def test_same_seed_same_machine_and_json_round_trip(tmp_path):
+    a, b = FSM.random(seed=1), FSM.random(seed=1)
+    assert torch.equal(a.successors, b.successors)
+    assert not torch.equal(a.successors, FSM.random(seed=2).successors)
+    a.save(tmp_path / "fsm.json")
+    c = FSM.load(tmp_path / "fsm.json")
+    assert torch.equal(c.successors, a.successors) and c.num_states == 100
+
+
+def test_encode_decode_and_odd_sizes():
+    fsm = FSM.random(num_states=1000, out_degree=3, base=10, seed=0)
+    assert fsm.digits == 3
+    states = torch.tensor([[0, 7, 42, 999]])
+    tokens = fsm.encode_states(states)
+    assert tokens.tolist() == [[0, 0, 0, 0, 0, 7, 0, 4, 2, 9, 9, 9]]
+    assert torch.equal(fsm.decode_states(tokens), states)
+    small = FSM.random(num_states=5, out_degree=2, base=2, seed=0)
+    assert small.digits == 3  # 5 states need 3 binary digits
+    assert fsm.decode_states(torch.tensor([[10, 0, 1]])).tolist() == [[-1]]  # BOS is no digit
+
+
+def test_transition_validity_hand_computed():
+    succ = torch.tensor([[1, 2], [2, 3], [3, 0], [0, 1]])  # 4 states, base 10, 1 digit each
+    fsm = FSM(4, 2, 10, 0, succ)
+    bos = fsm.bos
+    seqs = torch.tensor(
+        [
+            [bos, 0, 1, 3, 0],  # 0->1 ok, 1->3 ok, 3->0 ok
+            [bos, 0, 3, 1, 2],  # 0->3 bad, 3->1 ok, 1->2 ok
+            [bos, 2, 9, 0, 2],  # 2->9 unreadable, 9->0 unreadable, 0->2 ok
+        ]
+    )
+    per_seq, first = transition_validity(fsm, seqs)
+    assert per_seq.tolist() == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert first.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_lm_metrics_hand_computed():
+    # a "model" whose logits put probability 1/2 on token 1 and 1/2 on token 2, always
+    logits = torch.full((1, 4, 3), -1e9)
+    logits[..., 1] = 0.0
+    logits[..., 2] = 0.0
+    model = lambda tokens: SimpleNamespace(logits=logits)  # noqa: E731
+    tokens = torch.tensor([[0, 1, 2, 1]])  # targets 1, 2, 1: each has probability 1/2
+    m = lm_metrics(model, tokens)
+    assert m["lm_loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert m["next_token_accuracy"] == pytest.approx(2 / 3)  # argmax picks token 1: right twice
