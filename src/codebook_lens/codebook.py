@@ -32,8 +32,8 @@ Similarity = Literal["cosine", "inner_product", "euclidean"]
 SIMILARITIES: tuple[str, ...] = ("cosine", "inner_product", "euclidean")
 
 MIB = 1 << 20
-TILE_TOKENS = 256  # tile of the compiled search kernel: 256 tokens x 512 codes per thread
-TILE_CODES = 512
+TILE_TOKENS = 512  # score tile of the compiled search kernel: 512 tokens x 4096 codes (8 MiB)
+TILE_CODES = 4096
 
 
 @dataclass
@@ -151,8 +151,9 @@ def topk_codes(
     ``chunk_mib`` MiB (one token row at the least); chunking changes no result.
 
     For float32 on the CPU the compiled kernel (see ``_native``) is used when it is
-    available and ``native_search``: it holds only a ``TILE_CODES x TILE_TOKENS`` tile
-    of scores per thread (512 KiB), well under any budget.
+    available and ``native_search``: it holds one tile of at most ``TILE_CODES x
+    TILE_TOKENS`` scores (fewer codes when the budget is smaller) and its result does
+    not depend on the budget.
     """
     n, groups, dim = x.shape
     if weight.dim() != 3 or weight.shape[0] != groups or weight.shape[2] != dim:
@@ -167,6 +168,7 @@ def topk_codes(
         if kernel is not None:
             alpha = 2.0 if bias is not None else 1.0
             no_bias = torch.empty(0)
+            tile_codes = int(min(TILE_CODES, max(16, chunk_mib * MIB // (4 * TILE_TOKENS))))
             return kernel.fused_topk(
                 x.transpose(0, 1).contiguous(),
                 keys.contiguous(),
@@ -174,7 +176,7 @@ def topk_codes(
                 alpha,
                 k,
                 TILE_TOKENS,
-                TILE_CODES,
+                tile_codes,
             )
     keys_t = keys.transpose(1, 2).contiguous()  # (G, d, C)
     xt = x.transpose(0, 1)  # (G, N, d), a view

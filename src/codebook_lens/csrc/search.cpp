@@ -1,6 +1,7 @@
-// Fused nearest-code search on the CPU: tiles of the score matrix are computed with the
-// BLAS (at::mm_out) into a buffer that stays in cache and scanned at once for a running
-// top-k per token, so the full token x code score matrix is never written to memory.
+// Fused nearest-code search on the CPU: tiles of the score matrix (codes x tokens) are
+// computed with the BLAS (at::mm_out, all threads) into a buffer that stays in cache and
+// scanned at once for a running top-k per token (all threads, each owning a stripe of
+// tokens), so the full token x code score matrix is never written to memory.
 //
 // x: (G, N, d) float32, keys: (G, C, d) float32, bias: (G, C) float32 or empty.
 // score(n, c) = alpha * <x[g, n], keys[g, c]> + bias[g, c].
@@ -41,8 +42,8 @@ torch::Tensor fused_topk(torch::Tensor x, torch::Tensor keys, torch::Tensor bias
   TORCH_CHECK(x.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat, "float32 only");
   x = x.contiguous();
   keys = keys.contiguous();
-  const int64_t G = x.size(0), N = x.size(1), d = x.size(2), C = keys.size(1);
-  TORCH_CHECK(keys.size(0) == G && keys.size(2) == d, "x and keys do not match");
+  const int64_t G = x.size(0), N = x.size(1), C = keys.size(1);
+  TORCH_CHECK(keys.size(0) == G && keys.size(2) == x.size(2), "x and keys do not match");
   TORCH_CHECK(k >= 1 && k <= C, "k out of range");
   const bool has_bias = bias.defined() && bias.numel() > 0;
   if (has_bias) bias = bias.contiguous();
@@ -50,59 +51,71 @@ torch::Tensor fused_topk(torch::Tensor x, torch::Tensor keys, torch::Tensor bias
   const float alpha = static_cast<float>(alpha_d);
   auto ids = torch::empty({N, G, k}, x.options().dtype(torch::kLong));
   int64_t* ids_p = ids.data_ptr<int64_t>();
-  const int64_t n_tok_blocks = (N + tok_block - 1) / tok_block;
+  tok_block = std::min(tok_block, N);
+  code_block = std::min(code_block, C);
 
-  at::parallel_for(0, G * n_tok_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(code_block * tok_block);
-    std::vector<float> vals(tok_block * k);
-    std::vector<int64_t> best(tok_block * k);
-    std::vector<float> thr(tok_block);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t g = task / n_tok_blocks;
-      const int64_t t0 = (task % n_tok_blocks) * tok_block;
+  // The tile is computed by the BLAS with all threads, then scanned with all threads,
+  // each thread owning stripes of kLanes tokens (so running top-k updates never race).
+  auto tile = torch::empty({code_block, tok_block}, x.options());
+  float* tile_p = tile.data_ptr<float>();
+  std::vector<float> vals(tok_block * k);
+  std::vector<int64_t> best(tok_block * k);
+  std::vector<float> thr(tok_block);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t t0 = 0; t0 < N; t0 += tok_block) {
       const int64_t nt = std::min(tok_block, N - t0);
-      std::fill(vals.begin(), vals.end(), -std::numeric_limits<float>::infinity());
-      std::fill(best.begin(), best.end(), int64_t(-1));
-      std::fill(thr.begin(), thr.end(), -std::numeric_limits<float>::infinity());
+      std::fill(vals.begin(), vals.begin() + nt * k, neg_inf);
+      std::fill(best.begin(), best.begin() + nt * k, int64_t(-1));
+      std::fill(thr.begin(), thr.begin() + nt, neg_inf);
       auto xb_t = x[g].narrow(0, t0, nt).t();  // (d, nt)
+      const int64_t stripes = (nt + kLanes - 1) / kLanes;
       for (int64_t c0 = 0; c0 < C; c0 += code_block) {
         const int64_t nc = std::min(code_block, C - c0);
-        auto out = torch::from_blob(tile.data(), {nc, nt}, x.options());
-        at::mm_out(out, keys[g].narrow(0, c0, nc), xb_t);  // scores^T: (nc, nt)
-        for (int64_t c = 0; c < nc; ++c) {
-          const float b = has_bias ? bias_p[g * C + c0 + c] : 0.0f;
-          const float* row = tile.data() + c * nt;
-          for (int64_t j0 = 0; j0 < nt; j0 += kLanes) {
-            const int64_t m = std::min(kLanes, nt - j0);
+        auto out = tile.narrow(0, 0, nc).narrow(1, 0, nt);
+        if (nt != tok_block) out = torch::from_blob(tile_p, {nc, nt}, x.options());
+        at::mm_out(out, keys[g].narrow(0, c0, nc), xb_t);  // scores^T: (nc, nt), row stride nt
+        at::parallel_for(0, stripes, 1, [&](int64_t s_begin, int64_t s_end) {
 #if defined(__AVX512F__)
-            // 16 tokens at once: is any score above its token's current k-th best?
-            const __mmask16 lanes = m == kLanes ? __mmask16(0xFFFF) : __mmask16((1u << m) - 1);
-            const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(alpha),
-                                             _mm512_maskz_loadu_ps(lanes, row + j0),
-                                             _mm512_set1_ps(b));
-            const __m512 t = _mm512_maskz_loadu_ps(lanes, thr.data() + j0);
-            if (!_mm512_mask_cmp_ps_mask(lanes, v, t, _CMP_GT_OQ)) continue;
+          const __m512 va = _mm512_set1_ps(alpha);
 #endif
-            for (int64_t t = 0; t < m; ++t) {
-              const float s = std::fma(alpha, row[j0 + t], b);
-              const int64_t j = j0 + t;
-              if (s > thr[j]) {
-                insert(vals.data() + j * k, best.data() + j * k, k, s, c0 + c);
-                thr[j] = vals[j * k + k - 1];
+          // row by row over this thread's contiguous run of token stripes: streaming reads
+          for (int64_t c = 0; c < nc; ++c) {
+            const float b = has_bias ? bias_p[g * C + c0 + c] : 0.0f;
+            const float* row = tile_p + c * nt;
+            for (int64_t stripe = s_begin; stripe < s_end; ++stripe) {
+              const int64_t j0 = stripe * kLanes;
+              const int64_t m = std::min(kLanes, nt - j0);
+#if defined(__AVX512F__)
+              // 16 tokens at once: is any score above its token's current k-th best?
+              const __mmask16 lanes = m == kLanes ? __mmask16(0xFFFF) : __mmask16((1u << m) - 1);
+              const __m512 v = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(lanes, row + j0),
+                                               _mm512_set1_ps(b));
+              const __m512 t = _mm512_maskz_loadu_ps(lanes, thr.data() + j0);
+              if (!_mm512_mask_cmp_ps_mask(lanes, v, t, _CMP_GT_OQ)) continue;
+#endif
+              for (int64_t u = 0; u < m; ++u) {
+                const float s = std::fma(alpha, row[j0 + u], b);
+                const int64_t j = j0 + u;
+                if (s > thr[j]) {
+                  insert(vals.data() + j * k, best.data() + j * k, k, s, c0 + c);
+                  thr[j] = vals[j * k + k - 1];
+                }
               }
             }
           }
-        }
+        });
       }
       for (int64_t j = 0; j < nt; ++j) {
-        // a row of scores that never beat -inf (all NaN or -inf): fall back to ids 0..k-1
-        for (int64_t s = 0; s < k; ++s) {
-          const int64_t id = best[j * k + s];
-          ids_p[((t0 + j) * G + g) * k + s] = id >= 0 ? id : s;
+        // a token whose scores never beat -inf (all NaN or -inf) gets ids 0..k-1
+        for (int64_t slot = 0; slot < k; ++slot) {
+          const int64_t id = best[j * k + slot];
+          ids_p[((t0 + j) * G + g) * k + slot] = id >= 0 ? id : slot;
         }
       }
     }
-  });
+  }
   return ids;
 }
 
