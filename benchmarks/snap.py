@@ -7,7 +7,9 @@ For each shape, in one run and one process:
            loss (compiled search kernel), and forward with the pure-PyTorch chunked search,
   naive    a dense PyTorch version: the full score matrix, topk, gather-sum with autograd
            and a straight-through estimator.
-Times are medians; ratios are to the bare matmul. Peak memory is the rise of resident
+Rows are timed in interleaved rounds; times are medians and minima over the rounds (on a
+shared machine other load only adds time, so the minima are the steadier figures); ratios
+are to the bare matmul. Peak memory is the rise of resident
 memory during one call (see memtime.py).
 
     python benchmarks/snap.py            # full shapes (about 2 minutes on 2 cores)
@@ -19,15 +21,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memtime import measure  # noqa: E402
+from memtime import peak_extra_mib  # noqa: E402
 
 import codebook_lens.codebook as codebook_mod  # noqa: E402
 from codebook_lens.codebook import Codebook, CodebookConfig, search_keys  # noqa: E402
@@ -69,7 +74,7 @@ def run_case(name, tokens, repeats, similarity):
     torch.manual_seed(0)
     cb = Codebook(d, CodebookConfig(num_codes=C, k=k, similarity=similarity), groups=G)
     x = torch.randn(tokens, G * d)
-    xg = x.view(tokens, G, d).transpose(0, 1)
+    xg = x.detach().view(tokens, G, d).transpose(0, 1)
     keys_t = search_keys(cb.weight.detach(), similarity)[0].transpose(1, 2).contiguous()
     full = [torch.empty(G, tokens, C)]  # the whole score matrix, allocated once
     upstream = torch.randn(tokens, G * d)
@@ -99,24 +104,40 @@ def run_case(name, tokens, repeats, similarity):
         with native_disabled():
             return cb(x.requires_grad_(True)).output
 
+    fns = {
+        "matmul": bare,
+        "ours fwd": ours_fwd,
+        "ours fwd+bwd": ours_fwdbwd,
+        "ours fwd, pytorch search": ours_torch_fwd,
+        "naive fwd": naive_fwd,
+        "naive fwd+bwd": naive_fwdbwd,
+    }
+    # rounds interleave the rows, so drift of a shared machine hits every row alike
+    times = {label: [] for label in fns}
+    for fn in fns.values():
+        fn()  # warm-up (and the compiled kernel's first build)
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    full.clear()  # peak memory is read without the whole score matrix resident
     rows = {}
-    rows["matmul"] = measure(bare, repeats)
-    full.clear()  # the other rows must not see it resident
-    for label, fn in [
-        ("ours fwd", ours_fwd),
-        ("ours fwd+bwd", ours_fwdbwd),
-        ("ours fwd, pytorch search", ours_torch_fwd),
-        ("naive fwd", naive_fwd),
-        ("naive fwd+bwd", naive_fwdbwd),
-    ]:
-        rows[label] = measure(fn, repeats)
+    for label, fn in fns.items():
+        rows[label] = {
+            "time_s": statistics.median(times[label]),
+            "min_s": min(times[label]),
+            "times_s": times[label],
+            "peak_extra_mib": peak_extra_mib(fn) if label != "matmul" else 0.0,
+        }
     return {"case": name, "tokens": tokens, "similarity": similarity, **shape, "rows": rows}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--similarity", default="cosine")
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--quick", action="store_true", help="1024 tokens, 1 repeat")
@@ -134,12 +155,14 @@ def main():
         results.append(res)
         s = res
         print(f"\n{name}: {s['groups']} x {s['dim']} dims, C={s['num_codes']}, k={s['k']}")
-        base = res["rows"]["matmul"]["time_s"]
-        print(f"  {'':15s} {'time s':>8s} {'x matmul':>9s} {'peak MiB':>9s}")
+        med, low = res["rows"]["matmul"]["time_s"], res["rows"]["matmul"]["min_s"]
+        print(
+            f"  {'':26s} {'median s':>8s} {'x matmul':>8s} {'min s':>7s} {'x matmul':>8s} {'peak MiB':>8s}"
+        )
         for label, row in res["rows"].items():
             print(
-                f"  {label:15s} {row['time_s']:8.3f} {row['time_s'] / base:9.2f} "
-                f"{row['peak_extra_mib']:9.0f}"
+                f"  {label:26s} {row['time_s']:8.3f} {row['time_s'] / med:8.2f} "
+                f"{row['min_s']:7.3f} {row['min_s'] / low:8.2f} {row['peak_extra_mib']:8.0f}"
             )
         r = res["rows"]
         print(

@@ -1,7 +1,7 @@
 // Fused nearest-code search on the CPU: tiles of the score matrix (codes x tokens) are
 // computed with the BLAS (at::mm_out, all threads) into a buffer that stays in cache and
-// scanned at once for a running top-k per token (all threads, each owning a stripe of
-// tokens), so the full token x code score matrix is never written to memory.
+// scanned at once for a running top-k per token, so the full token x code score matrix
+// is never written to memory.
 //
 // x: (G, N, d) float32, keys: (G, C, d) float32, bias: (G, C) float32 or empty.
 // score(n, c) = alpha * <x[g, n], keys[g, c]> + bias[g, c].
@@ -56,8 +56,13 @@ torch::Tensor fused_topk(torch::Tensor x, torch::Tensor keys, torch::Tensor bias
 
   // The tile is computed by the BLAS with all threads, then scanned with all threads,
   // each thread owning stripes of kLanes tokens (so running top-k updates never race).
-  auto tile = torch::empty({code_block, tok_block}, x.options());
-  float* tile_p = tile.data_ptr<float>();
+  // The tile lives for the process: allocating 8 MiB per call costs page faults.
+  static thread_local std::vector<float> tile_store;
+  if (tile_store.size() < static_cast<size_t>(code_block * tok_block)) {
+    tile_store.resize(code_block * tok_block);
+  }
+  float* tile_p = tile_store.data();
+  auto tile = torch::from_blob(tile_p, {code_block, tok_block}, x.options());
   std::vector<float> vals(tok_block * k);
   std::vector<int64_t> best(tok_block * k);
   std::vector<float> thr(tok_block);
@@ -76,7 +81,9 @@ torch::Tensor fused_topk(torch::Tensor x, torch::Tensor keys, torch::Tensor bias
         auto out = tile.narrow(0, 0, nc).narrow(1, 0, nt);
         if (nt != tok_block) out = torch::from_blob(tile_p, {nc, nt}, x.options());
         at::mm_out(out, keys[g].narrow(0, c0, nc), xb_t);  // scores^T: (nc, nt), row stride nt
-        at::parallel_for(0, stripes, 1, [&](int64_t s_begin, int64_t s_end) {
+        // The scan runs on the calling thread: a second thread pool here would compete
+        // with the BLAS threads, which keep spinning for a while after the product.
+        [&](int64_t s_begin, int64_t s_end) {
 #if defined(__AVX512F__)
           const __m512 va = _mm512_set1_ps(alpha);
 #endif
@@ -105,7 +112,7 @@ torch::Tensor fused_topk(torch::Tensor x, torch::Tensor keys, torch::Tensor bias
               }
             }
           }
-        });
+        }(0, stripes);
       }
       for (int64_t j = 0; j < nt; ++j) {
         // a token whose scores never beat -inf (all NaN or -inf) gets ids 0..k-1
