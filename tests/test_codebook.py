@@ -310,3 +310,24 @@ def test_unknown_option_and_width_mismatch():
     cb = make()
     with pytest.raises(ValueError, match="activation width 15"):
         cb(torch.randn(3, 15))
+
+
+def test_native_build_survives_a_stale_lock():
+    """A build killed midway leaves a lock file; the next load must not wait on it forever."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from codebook_lens import _native
+
+    _, directory = _native.build_dir()
+    assert _native.load() is not None
+    lock = directory / "lock"
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    code = "from codebook_lens import _native; import sys; sys.exit(0 if _native.load() else 1)"
+    proc = subprocess.run([sys.executable, "-c", code], timeout=240, capture_output=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not lock.exists()

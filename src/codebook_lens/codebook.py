@@ -484,14 +484,20 @@ def kmeans_plus_plus(
     rows = torch.arange(groups, device=a.device)
     first = torch.randint(0, n, (groups,), generator=generator).to(a.device)
     seeds[:, 0] = ag[rows, first]
-    d2 = (ag - seeds[:, :1]).square().sum(-1)  # (G, N) squared distance to nearest seed
+    sq = ag.square().sum(-1)  # (G, N)
+
+    def dist2(seed: torch.Tensor) -> torch.Tensor:  # (G, d) -> (G, N), no (G, N, d) temporary
+        cross = torch.bmm(ag, seed.unsqueeze(-1)).squeeze(-1)
+        return (sq - 2 * cross + seed.square().sum(-1, keepdim=True)).clamp_(min=0)
+
+    d2 = dist2(seeds[:, 0])  # squared distance to the nearest seed
     for j in range(1, num):
         weights = d2.clamp(min=0).double()
         empty = weights.sum(-1) <= 0
         weights[empty] = 1.0  # every sample already a seed: draw uniformly
         pick = torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(-1).to(a.device)
         seeds[:, j] = ag[rows, pick]
-        d2 = torch.minimum(d2, (ag - seeds[:, j : j + 1]).square().sum(-1))
+        d2 = torch.minimum(d2, dist2(seeds[:, j]))
     if n < num:
         jitter = torch.randn(seeds.shape, generator=generator).to(a.device)
         seeds += 1e-3 * seeds.norm(dim=-1, keepdim=True).clamp(min=1e-6) * jitter
