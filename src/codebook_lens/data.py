@@ -50,7 +50,7 @@ def iter_documents(
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if corpus == "offline":
-        from .assets import iter_corpus
+        from .corpus import iter_corpus
 
         for doc in iter_corpus(split):
             yield doc["text"]
