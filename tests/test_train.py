@@ -186,3 +186,56 @@ def test_two_processes_hold_identical_codebooks(tiny_dir, tmp_path):
     usage = load_file(str(out / "model" / "codebooks.safetensors"))["layer0_mlp.usage"]
     # both ranks' tokens are counted: 4 steps x 2 micro x 2 ranks x 2 rows x 32 tokens x k=2
     assert int(usage.sum()) == 4 * 2 * 2 * 2 * 32 * 2
+
+
+def test_killed_process_resumes_to_the_same_result(tiny_dir, tmp_path):
+    """SIGKILL a real training process after a checkpoint, resume, compare with a clean run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    extra = ["schedule.max_steps=60", "checkpoint.every=5", "checkpoint.keep=3", "eval.every=1000"]
+    train(make_cfg(tiny_dir, tmp_path / "clean", *extra))
+
+    out = tmp_path / "killed"
+    cfg_args = [
+        f"output_dir={out}",
+        f"model.path={tiny_dir / 'model'}",
+        f"data.corpus={tiny_dir / 'corpus'}",
+        "data.seq_len=32",
+        "data.eval_fraction=0.1",
+        "codebooks.sites=[{site: attn_heads, codebook: {num_codes: 32, k: 1}}, "
+        "{site: mlp, layers: [1], codebook: {num_codes: 64, k: 2}}]",
+        "codebooks.revive_after_steps=2",
+        "schedule.batch_size=4",
+        "schedule.grad_accum=2",
+        "schedule.warmup_steps=2",
+        "logging.every=2",
+        "eval.batches=2",
+        *extra,
+    ]
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codebook_lens.cli", "train", str(config), *cfg_args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpts = out / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts / "step-0000010").is_dir():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (ckpts / "step-0000010").is_dir(), "the run never reached step 10"
+    assert not (out / "model").exists()  # it really was cut short
+    train(make_cfg(tiny_dir, out, *extra), resume=True)
+    a = load_file(str(tmp_path / "clean" / "model" / "codebooks.safetensors"))
+    b = load_file(str(out / "model" / "codebooks.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    base_a = load_file(str(tmp_path / "clean" / "model" / "base" / "model.safetensors"))
+    base_b = load_file(str(out / "model" / "base" / "model.safetensors"))
+    for key in base_a:
+        assert torch.equal(base_a[key], base_b[key]), key
