@@ -331,3 +331,13 @@ def test_native_build_survives_a_stale_lock():
     proc = subprocess.run([sys.executable, "-c", code], timeout=240, capture_output=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not lock.exists()
+
+
+def test_kmeans_init_with_k_codes_starts_near_the_activation():
+    gen = torch.Generator().manual_seed(0)
+    samples = torch.randn(2000, 16, generator=gen) * 5 + 3
+    cb = Codebook(16, CodebookConfig(num_codes=64, k=4, similarity="cosine"))
+    cb.kmeans_init_(samples, iters=5, generator=gen)
+    out = cb(samples)
+    # the sum of 4 codes approximates the input (not 4 times it): far below the input power
+    assert out.mse < 0.2 * samples.square().mean()

@@ -446,7 +446,9 @@ class Codebook(nn.Module):
 
         Seeds are drawn by k-means++ (D^2 sampling); assignment uses the codebook's own
         similarity (cosine gives spherical assignment); centroids are means. Empty
-        clusters are re-seeded from samples.
+        clusters are re-seeded from samples. With k > 1 (cosine or inner product) the
+        codes are set to 1/k of the centroids, so that the sum of the k chosen codes
+        starts near the activation instead of k times it.
         """
         a = self._split(samples).to(self.weight.dtype)
         n = a.shape[0]
@@ -466,6 +468,10 @@ class Codebook(nn.Module):
                 pick = torch.randint(0, n, (len(g_idx),), generator=generator).to(a.device)
                 new[g_idx, c_idx] = a[pick, g_idx]
             cent = new
+        if self.k > 1 and self.config.similarity != "euclidean":
+            # the output is the sum of k codes that each resemble the activation: start them
+            # at 1/k of the centroid (the ranking is unchanged by a common scale)
+            cent = cent / self.k
         self.weight.copy_(cent)
 
 
