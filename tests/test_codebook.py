@@ -339,5 +339,6 @@ def test_kmeans_init_with_k_codes_starts_near_the_activation():
     cb = Codebook(16, CodebookConfig(num_codes=64, k=4, similarity="cosine"))
     cb.kmeans_init_(samples, iters=5, generator=gen)
     out = cb(samples)
-    # the sum of 4 codes approximates the input (not 4 times it): far below the input power
-    assert out.mse < 0.2 * samples.square().mean()
+    # the sum of 4 codes approximates the input, not 4 times it
+    assert abs(out.output.mean() - samples.mean()) < 0.5  # both near 3 (4 times would be 12)
+    assert out.mse < 0.5 * samples.square().mean()
