@@ -79,3 +79,17 @@ def corpus_text(lines: int, seed: int = 0) -> str:
             f"{rng.choice(verbs)} {rng.choice(objects)}."
         )
     return "\n".join(out)
+
+
+def tiny_bert_config(**kw):
+    """A small BERT config: a family this project does not support."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        num_hidden_layers=1,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=50,
+        **kw,
+    )

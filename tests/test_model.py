@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, tiny_model
+from conftest import FAMILY_NAMES, tiny_bert_config, tiny_model
 
 from codebook_lens import sites as S
 from codebook_lens.codebook import CodebookConfig
@@ -130,18 +130,9 @@ def test_training_steps_reduce_reconstruction_loss(tokens):
 
 
 def test_unsupported_family_names_supported_ones():
-    from transformers import BertConfig, BertLMHeadModel
+    from transformers import BertLMHeadModel
 
-    bert = BertLMHeadModel(
-        BertConfig(
-            num_hidden_layers=1,
-            hidden_size=32,
-            num_attention_heads=2,
-            intermediate_size=64,
-            vocab_size=50,
-            is_decoder=True,
-        )
-    )
+    bert = BertLMHeadModel(tiny_bert_config(is_decoder=True))
     with pytest.raises(
         ValueError,
         match="'bert' is not supported; supported families: gpt2, gpt_neo, gpt_neox, llama",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import corpus_text, save_tiny_lm
+from conftest import corpus_text, save_tiny_lm, tiny_bert_config
 from safetensors.torch import load_file
 
 from codebook_lens.cli import main as cli_main
@@ -25,29 +25,31 @@ def tiny_dir(tmp_path_factory):
     return root
 
 
+def train_args(tiny_dir, out, *extra):
+    """key=value arguments of a tiny training run (later ones override earlier ones)."""
+    return [
+        f"output_dir={out}",
+        f"model.path={tiny_dir / 'model'}",
+        f"data.corpus={tiny_dir / 'corpus'}",
+        "data.seq_len=32",
+        "data.eval_fraction=0.1",
+        "codebooks.sites=[{site: attn_heads, codebook: {num_codes: 32, k: 1}}, "
+        "{site: mlp, layers: [1], codebook: {num_codes: 64, k: 2}}]",
+        "codebooks.revive_after_steps=2",
+        "schedule.max_steps=6",
+        "schedule.batch_size=4",
+        "schedule.grad_accum=2",
+        "schedule.warmup_steps=2",
+        "logging.every=2",
+        "eval.every=3",
+        "eval.batches=2",
+        "checkpoint.every=100",
+        *extra,
+    ]
+
+
 def make_cfg(tiny_dir, out, *extra):
-    return load_train_config(
-        None,
-        [
-            f"output_dir={out}",
-            f"model.path={tiny_dir / 'model'}",
-            f"data.corpus={tiny_dir / 'corpus'}",
-            "data.seq_len=32",
-            "data.eval_fraction=0.1",
-            "codebooks.sites=[{site: attn_heads, codebook: {num_codes: 32, k: 1}}, "
-            "{site: mlp, layers: [1], codebook: {num_codes: 64, k: 2}}]",
-            "codebooks.revive_after_steps=2",
-            "schedule.max_steps=6",
-            "schedule.batch_size=4",
-            "schedule.grad_accum=2",
-            "schedule.warmup_steps=2",
-            "logging.every=2",
-            "eval.every=3",
-            "eval.batches=2",
-            "checkpoint.every=100",
-            *extra,
-        ],
-    )
+    return load_train_config(None, train_args(tiny_dir, out, *extra))
 
 
 def test_train_writes_metrics_and_model(tiny_dir, tmp_path):
@@ -114,17 +116,9 @@ def test_bad_setups_fail_clearly_without_output(tiny_dir, tmp_path, extra, match
 
 
 def test_not_a_causal_lm(tmp_path):
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    BertModel(
-        BertConfig(
-            num_hidden_layers=1,
-            hidden_size=32,
-            num_attention_heads=2,
-            intermediate_size=64,
-            vocab_size=50,
-        )
-    ).save_pretrained(tmp_path / "bert")
+    BertModel(tiny_bert_config()).save_pretrained(tmp_path / "bert")
     cfg = load_train_config(
         None, [f"model.path={tmp_path / 'bert'}", f"output_dir={tmp_path / 'o'}"]
     )
@@ -199,22 +193,7 @@ def test_killed_process_resumes_to_the_same_result(tiny_dir, tmp_path):
     train(make_cfg(tiny_dir, tmp_path / "clean", *extra))
 
     out = tmp_path / "killed"
-    cfg_args = [
-        f"output_dir={out}",
-        f"model.path={tiny_dir / 'model'}",
-        f"data.corpus={tiny_dir / 'corpus'}",
-        "data.seq_len=32",
-        "data.eval_fraction=0.1",
-        "codebooks.sites=[{site: attn_heads, codebook: {num_codes: 32, k: 1}}, "
-        "{site: mlp, layers: [1], codebook: {num_codes: 64, k: 2}}]",
-        "codebooks.revive_after_steps=2",
-        "schedule.batch_size=4",
-        "schedule.grad_accum=2",
-        "schedule.warmup_steps=2",
-        "logging.every=2",
-        "eval.batches=2",
-        *extra,
-    ]
+    cfg_args = train_args(tiny_dir, out, *extra)
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
     proc = subprocess.Popen(

@@ -1,7 +1,7 @@
 """Training checkpoints without pickle, written atomically.
 
 A checkpoint is a directory ``step-NNNNNNN`` holding safetensors files (weights,
-optimizer tensors, RNG states) and JSON (step, data position, optimizer scalars,
+optimizer tensors, RNG states) and JSON (step, which fixes the data position, optimizer scalars,
 scheduler state). It is written under a temporary name and renamed into place, so
 a crash never leaves a half-written checkpoint under the final name.
 """
@@ -76,7 +76,6 @@ def write_checkpoint(
     weights: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     scheduler,
-    state: dict,
     keep: int,
 ) -> Path:
     """Write ``root/step-NNNNNNN`` atomically and prune to the ``keep`` newest."""
@@ -96,7 +95,6 @@ def write_checkpoint(
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     meta = {
         "step": step,
-        "state": state,
         "optimizer": opt_meta,
         "scheduler": scheduler.state_dict(),
         "rng": rng_meta,

@@ -12,6 +12,7 @@ asked); checkpoints to ``OUTPUT/checkpoints`` (atomic); the final model to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -449,7 +450,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
             index = (step * accum + micro) * world + rank
             batch = train_blocks.batch(cfg.schedule.seed, index, cfg.schedule.batch_size).to(device)
             sync = micro == accum - 1
-            ctx = accelerator.no_sync(model) if not sync and world > 1 else _null()
+            ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
                 out = model(batch, labels=batch, return_codes=False)
                 loss = out.loss / accum
@@ -509,7 +510,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
                     _trainable_state(raw, cfg),
                     optimizer,
                     scheduler,
-                    {"data_index": (done * accum) * world},
                     cfg.checkpoint.keep,
                 )
             accelerator.wait_for_everyone()
@@ -548,11 +548,3 @@ def _trainable_state(model: CodebookModel, cfg: TrainConfig) -> dict[str, torch.
         seen.add(ptr)
         unique[k] = v
     return unique
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

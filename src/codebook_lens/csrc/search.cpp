@@ -54,15 +54,16 @@ torch::Tensor fused_topk(torch::Tensor x, torch::Tensor keys, torch::Tensor bias
   tok_block = std::min(tok_block, N);
   code_block = std::min(code_block, C);
 
-  // The tile is computed by the BLAS with all threads, then scanned with all threads,
-  // each thread owning stripes of kLanes tokens (so running top-k updates never race).
+  // The tile is computed by the BLAS with all threads, then scanned on this thread.
   // The tile lives for the process: allocating 8 MiB per call costs page faults.
   static thread_local std::vector<float> tile_store;
   if (tile_store.size() < static_cast<size_t>(code_block * tok_block)) {
     tile_store.resize(code_block * tok_block);
   }
   float* tile_p = tile_store.data();
-  auto tile = torch::from_blob(tile_p, {code_block, tok_block}, x.options());
+#if defined(__AVX512F__)
+  const __m512 va = _mm512_set1_ps(alpha);
+#endif
   std::vector<float> vals(tok_block * k);
   std::vector<int64_t> best(tok_block * k);
   std::vector<float> thr(tok_block);
@@ -75,44 +76,36 @@ torch::Tensor fused_topk(torch::Tensor x, torch::Tensor keys, torch::Tensor bias
       std::fill(best.begin(), best.begin() + nt * k, int64_t(-1));
       std::fill(thr.begin(), thr.begin() + nt, neg_inf);
       auto xb_t = x[g].narrow(0, t0, nt).t();  // (d, nt)
-      const int64_t stripes = (nt + kLanes - 1) / kLanes;
       for (int64_t c0 = 0; c0 < C; c0 += code_block) {
         const int64_t nc = std::min(code_block, C - c0);
-        auto out = tile.narrow(0, 0, nc).narrow(1, 0, nt);
-        if (nt != tok_block) out = torch::from_blob(tile_p, {nc, nt}, x.options());
+        auto out = torch::from_blob(tile_p, {nc, nt}, x.options());
         at::mm_out(out, keys[g].narrow(0, c0, nc), xb_t);  // scores^T: (nc, nt), row stride nt
         // The scan runs on the calling thread: a second thread pool here would compete
         // with the BLAS threads, which keep spinning for a while after the product.
-        [&](int64_t s_begin, int64_t s_end) {
+        // Row by row, 16 tokens at a time: streaming reads of the cached tile.
+        for (int64_t c = 0; c < nc; ++c) {
+          const float b = has_bias ? bias_p[g * C + c0 + c] : 0.0f;
+          const float* row = tile_p + c * nt;
+          for (int64_t j0 = 0; j0 < nt; j0 += kLanes) {
+            const int64_t m = std::min(kLanes, nt - j0);
 #if defined(__AVX512F__)
-          const __m512 va = _mm512_set1_ps(alpha);
+            // is any of these scores above its token's current k-th best?
+            const __mmask16 lanes = m == kLanes ? __mmask16(0xFFFF) : __mmask16((1u << m) - 1);
+            const __m512 v = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(lanes, row + j0),
+                                             _mm512_set1_ps(b));
+            const __m512 t = _mm512_maskz_loadu_ps(lanes, thr.data() + j0);
+            if (!_mm512_mask_cmp_ps_mask(lanes, v, t, _CMP_GT_OQ)) continue;
 #endif
-          // row by row over this thread's contiguous run of token stripes: streaming reads
-          for (int64_t c = 0; c < nc; ++c) {
-            const float b = has_bias ? bias_p[g * C + c0 + c] : 0.0f;
-            const float* row = tile_p + c * nt;
-            for (int64_t stripe = s_begin; stripe < s_end; ++stripe) {
-              const int64_t j0 = stripe * kLanes;
-              const int64_t m = std::min(kLanes, nt - j0);
-#if defined(__AVX512F__)
-              // 16 tokens at once: is any score above its token's current k-th best?
-              const __mmask16 lanes = m == kLanes ? __mmask16(0xFFFF) : __mmask16((1u << m) - 1);
-              const __m512 v = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(lanes, row + j0),
-                                               _mm512_set1_ps(b));
-              const __m512 t = _mm512_maskz_loadu_ps(lanes, thr.data() + j0);
-              if (!_mm512_mask_cmp_ps_mask(lanes, v, t, _CMP_GT_OQ)) continue;
-#endif
-              for (int64_t u = 0; u < m; ++u) {
-                const float s = std::fma(alpha, row[j0 + u], b);
-                const int64_t j = j0 + u;
-                if (s > thr[j]) {
-                  insert(vals.data() + j * k, best.data() + j * k, k, s, c0 + c);
-                  thr[j] = vals[j * k + k - 1];
-                }
+            for (int64_t u = 0; u < m; ++u) {
+              const float s = std::fma(alpha, row[j0 + u], b);
+              const int64_t j = j0 + u;
+              if (s > thr[j]) {
+                insert(vals.data() + j * k, best.data() + j * k, k, s, c0 + c);
+                thr[j] = vals[j * k + k - 1];
               }
             }
           }
-        }(0, stripes);
+        }
       }
       for (int64_t j = 0; j < nt; ++j) {
         // a token whose scores never beat -inf (all NaN or -inf) gets ids 0..k-1
