@@ -267,6 +267,26 @@ def test_dead_code_revival_replaces_unused_codes():
     assert (out.codes >= 5).any()
 
 
+def test_revived_codes_take_the_median_norm_of_live_codes():
+    """With k summed codes a revived code must not be a whole activation (it would
+    overshoot the sum it joins): it takes its group's median live-code norm."""
+    torch.manual_seed(0)
+    cb = Codebook(8, CodebookConfig(num_codes=12, k=4, similarity="cosine"), groups=2)
+    with torch.no_grad():
+        cb.weight.copy_(torch.randn(2, 12, 8))
+        cb.weight.mul_(0.25 / cb.weight.norm(dim=-1, keepdim=True))
+        cb.weight[:, :6] *= torch.linspace(0.5, 2.0, 6)[:, None]  # varied live norms
+    live_norms = cb.weight[:, :6].norm(dim=-1).clone()
+    cb.track_usage()
+    cb(torch.randn(64, 16) * 5)  # recent inputs with norm ~ 5 * sqrt(8)
+    cb.idle_steps.zero_()
+    cb.idle_steps[:, 6:] = 10
+    assert cb.revive_dead_codes(max_idle_steps=10) == 12
+    revived = cb.weight[:, 6:].detach().norm(dim=-1)
+    expected = live_norms.median(dim=-1).values  # torch's lower median, like nanmedian
+    torch.testing.assert_close(revived, expected[:, None].expand(2, 6))
+
+
 def test_revival_needs_tracking():
     cb = make()
     cb.idle_steps += 5

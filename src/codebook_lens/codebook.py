@@ -408,7 +408,8 @@ class Codebook(nn.Module):
         """Re-initialise codes idle for ``max_idle_steps`` steps from recent inputs.
 
         New codes are recent activations (of the same group) plus Gaussian noise of
-        ``noise`` times their scale; the optimizer's per-element state for those rows
+        ``noise`` times their scale, rescaled (cosine and inner product) to the median
+        norm of the group's live codes; the optimizer's per-element state for those rows
         (Adam's moments, momentum buffers) is zeroed. Returns how many codes were revived.
         Needs usage tracking on (it supplies the recent inputs).
         """
@@ -430,7 +431,17 @@ class Codebook(nn.Module):
         seeds = recent[g_idx, pick]
         scale = seeds.norm(dim=-1, keepdim=True) / math.sqrt(self.dim)
         jitter = torch.randn(seeds.shape, generator=generator, device="cpu").to(seeds.device)
-        self.weight[g_idx, c_idx] = seeds + noise * scale * jitter
+        seeds = seeds + noise * scale * jitter
+        if self.config.similarity != "euclidean":
+            # a new code takes the typical norm of its group's live codes (which is about
+            # 1/k of an activation when k codes are summed), so that it does not
+            # overshoot the sum it joins; the direction comes from the recent input
+            norms = self.weight.norm(dim=-1)  # (G, C)
+            live = torch.where(dead, torch.nan, norms).nanmedian(dim=-1).values  # (G,)
+            fallback = seeds.norm(dim=-1) / self.k
+            target = torch.where(live[g_idx].isnan(), fallback, live[g_idx])
+            seeds = seeds * (target / seeds.norm(dim=-1).clamp(min=1e-12)).unsqueeze(-1)
+        self.weight[g_idx, c_idx] = seeds
         self.idle_steps[g_idx, c_idx] = 0
         if optimizer is not None:
             reset_optimizer_rows(optimizer, self.weight, (g_idx, c_idx))

@@ -146,6 +146,68 @@ class FSM:
 
 
 # ----------------------------------------------------------------------------------------
+# data and model
+
+
+class FSMData:
+    """Batches of fresh random walks, generated on the fly and reproducible.
+
+    Has the interface of :class:`codebook_lens.data.Blocks` that the training loop uses:
+    ``batch(seed, index, batch_size)`` is a pure function of its arguments (so a resumed
+    run sees the same stream), ``first(count, batch_size)`` gives fixed held-out batches
+    (drawn from a separate seed stream), and ``len()`` is effectively unbounded.
+    """
+
+    eval_seed = 1_000_000_007
+
+    def __init__(self, fsm: FSM, seq_len: int, stream: int = 0) -> None:
+        if seq_len < 1 + 2 * fsm.digits:
+            raise ValueError(
+                f"seq_len must hold BOS and two states ({1 + 2 * fsm.digits} tokens), got {seq_len}"
+            )
+        self.fsm = fsm
+        self.seq_len = seq_len
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def batch(self, seed: int, index: int, batch_size: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(
+            (seed * 1_000_003 + index * 7_919 + self.stream * 104_729) % (2**63)
+        )
+        return self.fsm.sequences(batch_size, self.seq_len, gen)
+
+    def first(self, count: int, batch_size: int) -> list[torch.Tensor]:
+        return [self.batch(self.eval_seed, i, batch_size) for i in range(count)]
+
+
+def neox_config(
+    fsm: FSM,
+    layers: int = 4,
+    hidden: int = 128,
+    heads: int = 4,
+    mlp: int = 512,
+    seq_len: int = 128,
+):
+    """A GPT-NeoX config for ``fsm``'s vocabulary (the paper's model: 4 x 128, 4 heads)."""
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=fsm.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=mlp,
+        max_position_embeddings=seq_len,
+        bos_token_id=fsm.bos,
+        eos_token_id=fsm.bos,
+        pad_token_id=fsm.bos,
+        tie_word_embeddings=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------
 # metrics
 
 
@@ -187,15 +249,26 @@ def sample(
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """(batch, seq_len) sequences sampled from ``model`` starting at BOS (no KV cache needed:
-    the sequences are short)."""
-    tokens = torch.full((batch, 1), fsm.bos, dtype=torch.long)
+    """(batch, seq_len) sequences sampled from ``model`` starting at BOS.
+
+    ``model`` is a transformers causal LM or a :class:`CodebookModel` (whose codebooks
+    act on every sampled token: the base model is stepped with its KV cache and the
+    codebook hooks apply to each new position).
+    """
+    lm = getattr(model, "model", model) if hasattr(model, "codebooks") else model
+    device = next(lm.parameters()).device
+    tokens = torch.full((batch, 1), fsm.bos, dtype=torch.long, device=device)
+    out = lm(input_ids=tokens, use_cache=True)
+    pieces = [tokens]
     for _ in range(seq_len - 1):
-        logits = model(tokens).logits[:, -1].float() / temperature
-        probs = torch.softmax(logits, dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=generator)
-        tokens = torch.cat([tokens, nxt], dim=1)
-    return tokens
+        logits = out.logits[:, -1].float() / temperature
+        probs = torch.softmax(logits, dim=-1).cpu()
+        nxt = torch.multinomial(probs, 1, generator=generator).to(device)
+        pieces.append(nxt)
+        if len(pieces) == seq_len:
+            break
+        out = lm(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(pieces, dim=1)
 
 
 def state_metrics(model, fsm: FSM, batch: int, seq_len: int, seed: int = 0) -> dict:

@@ -75,8 +75,7 @@ class CodebookModelConfig:
     sites: list[SiteSpec]
 
     def __post_init__(self) -> None:
-        if not self.sites:
-            raise ValueError("a codebook model needs at least one site")
+        # no sites at all is allowed: the model is then the base LM (trained alone)
         self.sites = [SiteSpec.from_dict(s) if isinstance(s, dict) else s for s in self.sites]
 
     def to_dict(self) -> dict:

@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -94,11 +95,27 @@ def make_optimizer(cfg: TrainConfig, model: CodebookModel) -> torch.optim.Optimi
     if cfg.optim.freeze_base:
         for p in base_params:
             p.requires_grad_(False)
-    groups = [{"params": code_params, "lr": cfg.optim.codebook_lr, "weight_decay": 0.0}]
+    groups = []
+    if code_params:
+        groups.append(
+            {
+                "params": code_params,
+                "lr": cfg.optim.codebook_lr,
+                "weight_decay": 0.0,
+                "name": "codebook_lr",
+            }
+        )
     if not cfg.optim.freeze_base:
         groups.append(
-            {"params": base_params, "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}
+            {
+                "params": base_params,
+                "lr": cfg.optim.lr,
+                "weight_decay": cfg.optim.weight_decay,
+                "name": "lr",
+            }
         )
+    if not groups:
+        raise TrainError("nothing to train: no codebook sites and optim.freeze_base is true")
     return torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas))
 
 
@@ -331,11 +348,33 @@ class UsageSync:
 # the loop
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = None) -> dict:
+@dataclass
+class TrainData:
+    """Where batches come from: ``train`` and ``eval`` each have ``batch(seed, index,
+    batch_size)``, ``first(count, batch_size)`` and ``len()`` (see :class:`Blocks`)."""
+
+    train: Any
+    eval: Any
+
+
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    stop_at_step: int | None = None,
+    *,
+    base=None,
+    tokenizer=None,
+    data: TrainData | None = None,
+    desc: str = "training",
+) -> dict:
     """Run training as configured; returns the last eval metrics (and the output paths).
 
-    ``stop_at_step`` ends the run right after that step's checkpoint, as an
-    interruption would (used to test resuming).
+    By default the base model comes from ``cfg.model.path`` and the text from
+    ``cfg.data.corpus``; a caller can hand in its own ``base`` model (and
+    ``tokenizer``, saved with the model when given) and its own ``data`` source
+    instead (the TokFSM experiment does both). With ``cfg.codebooks.sites`` empty
+    the base model trains alone. ``stop_at_step`` ends the run right after that
+    step's checkpoint, as an interruption would (used to test resuming).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -349,16 +388,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
     accelerator = Accelerator(
         mixed_precision=mp, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available()
     )
-    world, rank, main = (
-        accelerator.num_processes,
-        accelerator.process_index,
-        accelerator.is_main_process,
-    )
-    out_dir = Path(cfg.output_dir)
-    ckpt_root = out_dir / "checkpoints"
+    world, main = accelerator.num_processes, accelerator.is_main_process
+    ckpt_root = Path(cfg.output_dir) / "checkpoints"
     set_seed(cfg.schedule.seed)
 
-    base, tokenizer = load_base(cfg.model.path, cfg.model.dtype)
+    if base is None:
+        base, tokenizer = load_base(cfg.model.path, cfg.model.dtype)
     model = build_model(cfg, base)
     seq = cfg.data.seq_len
     max_pos = getattr(base.config, "max_position_embeddings", None)
@@ -366,23 +401,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
         raise TrainError(
             f"data.seq_len={seq} exceeds the model's max_position_embeddings={max_pos}"
         )
-    try:
-        train_tokens = tokenize_documents(
-            iter_documents(cfg.data.corpus, "train", cfg.data.text_field, cfg.data.eval_fraction),
-            tokenizer,
-            cfg.data.max_train_tokens,
-            desc="tokenizing train",
-        )
-        eval_tokens = tokenize_documents(
-            iter_documents(cfg.data.corpus, "eval", cfg.data.text_field, cfg.data.eval_fraction),
-            tokenizer,
-            None,
-            desc="tokenizing eval",
-        )
-        train_blocks = Blocks(train_tokens, seq, "training corpus")
-        eval_blocks = Blocks(eval_tokens, seq, "eval split")
-    except DataError as err:
-        raise TrainError(str(err)) from None
+    if data is None:
+        data = _corpus_data(cfg, tokenizer)
+    train_blocks, eval_blocks = data.train, data.eval
     per_step = cfg.schedule.batch_size * world
     if len(train_blocks) < per_step:
         raise TrainError(
@@ -392,7 +413,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
 
     existing = ckpt.list_checkpoints(ckpt_root)
     start_step = 0
-    if cfg.codebooks.kmeans_init and not (resume and existing):
+    if cfg.codebooks.kmeans_init and model.codebooks and not (resume and existing):
         kmeans_init(
             model,
             train_blocks,
@@ -418,7 +439,69 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
             print(f"resuming from {existing[-1]} at step {start_step}")
     elif resume and main:
         print(f"no checkpoint in {ckpt_root}; starting from scratch")
+    return _loop(
+        cfg,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_blocks,
+        eval_blocks,
+        tokenizer,
+        start_step,
+        resume and bool(existing),
+        stop_at_step,
+        desc,
+    )
 
+
+def _corpus_data(cfg: TrainConfig, tokenizer) -> TrainData:
+    """Training and eval blocks from the configured text corpus."""
+    seq = cfg.data.seq_len
+    try:
+        train_tokens = tokenize_documents(
+            iter_documents(cfg.data.corpus, "train", cfg.data.text_field, cfg.data.eval_fraction),
+            tokenizer,
+            cfg.data.max_train_tokens,
+            desc="tokenizing train",
+        )
+        eval_tokens = tokenize_documents(
+            iter_documents(cfg.data.corpus, "eval", cfg.data.text_field, cfg.data.eval_fraction),
+            tokenizer,
+            None,
+            desc="tokenizing eval",
+        )
+        return TrainData(
+            Blocks(train_tokens, seq, "training corpus"), Blocks(eval_tokens, seq, "eval split")
+        )
+    except DataError as err:
+        raise TrainError(str(err)) from None
+
+
+def _loop(
+    cfg,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    train_blocks,
+    eval_blocks,
+    tokenizer,
+    start_step,
+    resumed,
+    stop_at_step,
+    desc,
+) -> dict:
+    """The optimisation loop proper (after setup and any resume)."""
+    world, rank, main = (
+        accelerator.num_processes,
+        accelerator.process_index,
+        accelerator.is_main_process,
+    )
+    out_dir = Path(cfg.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    seq = cfg.data.seq_len
+    per_step = cfg.schedule.batch_size * world
     model, optimizer = accelerator.prepare(model, optimizer)
     raw: CodebookModel = accelerator.unwrap_model(model)
     usage_sync = UsageSync(raw, world)
@@ -426,7 +509,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    log = MetricsLog(out_dir / "metrics.jsonl", cfg, main, resume and bool(existing))
+    log = MetricsLog(out_dir / "metrics.jsonl", cfg, main, resumed)
     eval_batches = eval_blocks.first(cfg.eval.batches, cfg.schedule.batch_size)
 
     accum = cfg.schedule.grad_accum
@@ -440,7 +523,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
         range(start_step, cfg.schedule.max_steps),
         initial=start_step,
         total=cfg.schedule.max_steps,
-        desc="training",
+        desc=desc,
         unit="step",
         disable=not main,
     )
@@ -484,8 +567,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
                 "lm_loss": window.lm / window.steps,
                 "reconstruction_loss": window.rec / window.steps,
                 "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
-                "lr": scheduler.get_last_lr()[-1],
-                "codebook_lr": scheduler.get_last_lr()[0],
+                **{g["name"]: g["lr"] for g in optimizer.param_groups},
                 "revived": revived,
                 "sites": codebook_metrics(raw, usage_before, mse, var),
             }
@@ -524,7 +606,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
             {"step": cfg.schedule.max_steps, "processes": world, "ranks_identical": identical}
         )
         raw.save_pretrained(out_dir / "model", include_base=not cfg.optim.freeze_base)
-        if not cfg.optim.freeze_base:
+        if not cfg.optim.freeze_base and tokenizer is not None:
             tokenizer.save_pretrained(str(out_dir / "model" / "base"))
     log.close()
     accelerator.wait_for_everyone()

@@ -1,0 +1,468 @@
+"""Analyses of a TokFSM codebook model: what the codes mean and what they do.
+
+- :func:`purity`: per codebook, the fraction of active codes that fire on a single
+  state (*bigram*: on the last digit of one state) or on a single state plus the
+  next digit (*trigram*: on the first digit of a state, given the previous state).
+- :func:`state_classification`: for every state, the precision of its best code as a
+  classifier of "the state just completed is s", against the best single neuron of
+  the base model at a threshold that matches the code's recall.
+- :func:`intervention_jsd`: replace the codes that fire on a source state with those of
+  a target state and measure how far the model's next-state distribution is from
+  the target's true one (Jensen-Shannon divergence, normalised so that no
+  intervention = 1).
+- :func:`code_frequencies`: how often each code fires, sorted (frequency by rank).
+
+All of them work on sequences sampled from the FSM (random walks that cover every
+transition many times), in batches, on the model's device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+from . import sites as S
+from .fsm import FSM
+from .model import CodebookModel
+
+# ----------------------------------------------------------------------------------------
+# labels of token positions
+
+
+def position_labels(fsm: FSM, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bigram and trigram labels of every position of BOS-led walk sequences.
+
+    Returns ``(bigram, trigram)``, each ``(B, T)`` int64 with -1 where it does not apply:
+    ``bigram`` is the state whose last digit sits at the position; ``trigram`` is
+    ``prev * base + digit`` at the first digit of a state, where ``prev`` is the state
+    before it (``num_states`` stands for BOS at the start of the walk).
+    """
+    b, t = tokens.shape
+    d = fsm.digits
+    states = fsm.decode_states(tokens[:, 1:])  # (B, S) whole states only
+    bigram = torch.full((b, t), -1, dtype=torch.long)
+    trigram = torch.full((b, t), -1, dtype=torch.long)
+    n_states = states.shape[1]
+    for j in range(n_states):
+        last = 1 + j * d + d - 1
+        bigram[:, last] = states[:, j]
+    for j in range(math.ceil((t - 1) / d)):
+        first = 1 + j * d
+        if first >= t:
+            break
+        prev = states[:, j - 1] if j > 0 else torch.full((b,), fsm.num_states)
+        digit = tokens[:, first]
+        ok = (prev >= 0) & (digit >= 0) & (digit < fsm.base)
+        trigram[:, first] = torch.where(ok, prev * fsm.base + digit, torch.full_like(prev, -1))
+    return bigram, trigram
+
+
+@torch.no_grad()
+def collect_codes(
+    model: CodebookModel, tokens: torch.Tensor, batch_size: int = 64
+) -> dict[str, torch.Tensor]:
+    """Code ids of every codebook on ``tokens``: key -> ``(B, T, G, k)`` (on the CPU)."""
+    device = next(model.parameters()).device
+    parts: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, tokens.shape[0], batch_size):
+        out = model(tokens[i : i + batch_size].to(device), return_codes=True)
+        for key, ids in out.codes.items():
+            parts.setdefault(key, []).append(ids.cpu())
+    return {key: torch.cat(v) for key, v in parts.items()}
+
+
+def _flat_codes(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """(B, T, G, k) ids -> (B, T, G*k) ids made unique across groups (g * C + id)."""
+    g = codes.shape[2]
+    offset = (torch.arange(g) * num_codes).view(1, 1, g, 1)
+    return (codes + offset).flatten(2)
+
+
+# ----------------------------------------------------------------------------------------
+# purity
+
+
+def purity(
+    fsm: FSM,
+    tokens: torch.Tensor,
+    codes: dict[str, torch.Tensor],
+    num_codes: dict[str, int],
+    threshold: float = 1.0,
+) -> dict[str, dict]:
+    """Per codebook: fraction of active codes that fire on a single bigram or trigram.
+
+    A code counts as pure when at least ``threshold`` of its activations on state
+    tokens share one label (a state at its last digit, or a (previous state, digit)
+    pair at a first digit). ``purity`` is the fraction of active codes that are pure;
+    ``bigram`` / ``trigram`` split it by the kind of the code's label.
+    """
+    bigram, trigram = position_labels(fsm, tokens)
+    n_bi = fsm.num_states
+    label = torch.where(bigram >= 0, bigram, torch.where(trigram >= 0, n_bi + trigram, -1))
+    num_labels = n_bi + (fsm.num_states + 1) * fsm.base
+    result = {}
+    for key, ids in codes.items():
+        flat = _flat_codes(ids, num_codes[key])  # (B, T, slots)
+        lab = label.unsqueeze(-1).expand_as(flat)
+        keep = lab >= 0
+        pair = flat[keep] * num_labels + lab[keep]
+        uniq, counts = torch.unique(pair, return_counts=True)
+        code = uniq // num_labels
+        lab_of = uniq % num_labels
+        size = int(code.max()) + 1 if code.numel() else 1
+        total = torch.zeros(size, dtype=torch.long).index_add_(0, code, counts)
+        best = torch.zeros(size, dtype=torch.long).scatter_reduce(
+            0, code, counts, "amax", include_self=True
+        )
+        # label of each code's most common pair (ties: any)
+        is_best = counts == best[code]
+        best_label = torch.full((size,), -1, dtype=torch.long)
+        best_label[code[is_best]] = lab_of[is_best]
+        active = total > 0
+        pure = active & (best >= threshold * total)
+        n_active = int(active.sum())
+        pure_bi = pure & (best_label < n_bi)
+        result[key] = {
+            "purity": int(pure.sum()) / max(1, n_active),
+            "bigram": int(pure_bi.sum()) / max(1, n_active),
+            "trigram": int((pure & ~pure_bi).sum()) / max(1, n_active),
+            "active_codes": n_active,
+        }
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# state classification: codes vs neurons
+
+
+def best_codes_per_state(
+    fsm: FSM, tokens: torch.Tensor, codes: dict[str, torch.Tensor], num_codes: dict[str, int]
+) -> list[dict]:
+    """For each state, the code (of any codebook) that best classifies it, by F1.
+
+    Positions are the last digits of states; a code "predicts" state s when it fires
+    there. Returns one dict per state: precision, recall, f1, key, code (g * C + id).
+    """
+    bigram, _ = position_labels(fsm, tokens)
+    mask = bigram >= 0
+    states = bigram[mask]
+    n = fsm.num_states
+    state_total = torch.bincount(states, minlength=n).double()
+    best: list[dict] = [{"f1": -1.0} for _ in range(n)]
+    for key, ids in codes.items():
+        flat = _flat_codes(ids, num_codes[key])[mask]  # (M, slots)
+        size = flat.shape[1] and int(flat.max()) + 1
+        for slot in range(flat.shape[1]):
+            c = flat[:, slot]
+            joint = torch.bincount(c * n + states, minlength=size * n).view(size, n).double()
+            code_total = joint.sum(1, keepdim=True)
+            precision = joint / code_total.clamp(min=1)
+            recall = joint / state_total.clamp(min=1)
+            f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+            top, arg = f1.max(0)
+            for s in range(n):
+                if top[s] > best[s]["f1"]:
+                    a = int(arg[s])
+                    best[s] = {
+                        "f1": float(top[s]),
+                        "precision": float(precision[a, s]),
+                        "recall": float(recall[a, s]),
+                        "key": key,
+                        "code": a,
+                    }
+    return best
+
+
+@torch.no_grad()
+def neuron_activations(base, tokens: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Attention output, MLP output and MLP hidden units of every layer of ``base``.
+
+    Returns name -> ``(B, T, width)`` float32 (CPU); names are ``layer{L}_attn``,
+    ``layer{L}_mlp`` and ``layer{L}_mlp_hidden`` (when the MLP has an activation module).
+    """
+    acts: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for layer in range(S.num_layers(base)):
+        for site in ("attn", "mlp"):
+            name = f"layer{layer}_{site}"
+
+            def grab(x, name=name):
+                acts.setdefault(name, []).append(x.detach().float().cpu())
+
+            handles.append(S.attach(base, site, layer, grab))
+        act = _mlp_activation(base, layer)
+        if act is not None:
+            name = f"layer{layer}_mlp_hidden"
+
+            def grab_hidden(module, args, output, name=name):
+                acts.setdefault(name, []).append(output.detach().float().cpu())
+
+            handles.append(act.register_forward_hook(grab_hidden))
+    device = next(base.parameters()).device
+    try:
+        for i in range(0, tokens.shape[0], batch_size):
+            base(input_ids=tokens[i : i + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: torch.cat(v) for name, v in acts.items()}
+
+
+def _mlp_activation(base, layer: int):
+    """The activation-function module of a layer's MLP, when the family has one."""
+    _, family = S.family_of(base)
+    mlp = S.decoder_layers(base)[layer].get_submodule(family.mlp)
+    for attr in ("act", "act_fn", "activation"):
+        mod = getattr(mlp, attr, None)
+        if isinstance(mod, torch.nn.Module):
+            return mod
+    return None
+
+
+def neuron_precision_at_recall(
+    fsm: FSM, tokens: torch.Tensor, acts: dict[str, torch.Tensor], recalls: list[float]
+) -> list[dict]:
+    """For each state s, the best single neuron as a classifier at recall ``recalls[s]``.
+
+    Each neuron (either sign) is thresholded at the value that ``recalls[s]`` of the
+    positions of state s reach; its precision is the fraction of all positions over
+    the threshold that are state s. Returns per state: precision, neuron name, index.
+    """
+    bigram, _ = position_labels(fsm, tokens)
+    mask = bigram >= 0
+    states = bigram[mask]
+    names = list(acts)
+    widths = [acts[n].shape[-1] for n in names]
+    matrix = torch.cat([acts[n][mask] for n in names], dim=1)  # (M, F)
+    matrix = torch.cat([matrix, -matrix], dim=1)
+    results = []
+    for s in range(fsm.num_states):
+        pos = states == s
+        n_pos = int(pos.sum())
+        if n_pos == 0 or recalls[s] <= 0:
+            results.append({"precision": float("nan"), "neuron": None})
+            continue
+        need = max(1, math.ceil(recalls[s] * n_pos - 1e-9))
+        threshold = matrix[pos].topk(need, dim=0).values[-1]  # (2F,)
+        over = matrix >= threshold
+        fired = over.sum(0).double()
+        true = over[pos].sum(0).double()
+        precision = true / fired.clamp(min=1)
+        best = int(precision.argmax())
+        results.append(
+            {"precision": float(precision[best]), "neuron": _neuron_name(best, names, widths)}
+        )
+    return results
+
+
+def _neuron_name(index: int, names: list[str], widths: list[int]) -> str:
+    total = sum(widths)
+    sign = "-" if index >= total else "+"
+    index %= total
+    for name, width in zip(names, widths, strict=True):
+        if index < width:
+            return f"{sign}{name}[{index}]"
+        index -= width
+    raise AssertionError("unreachable")
+
+
+def state_classification(
+    fsm: FSM,
+    tokens: torch.Tensor,
+    codes: dict[str, torch.Tensor],
+    num_codes: dict[str, int],
+    base_acts: dict[str, torch.Tensor],
+) -> dict:
+    """Mean over states of the best code's precision and of the best neuron's precision
+    at the same recall (paper: codes 97.1%, neurons 70.5%)."""
+    per_code = best_codes_per_state(fsm, tokens, codes, num_codes)
+    recalls = [c.get("recall", 0.0) for c in per_code]
+    per_neuron = neuron_precision_at_recall(fsm, tokens, base_acts, recalls)
+    states = [s for s in range(fsm.num_states) if recalls[s] > 0]
+    code_p = [per_code[s]["precision"] for s in states]
+    neuron_p = [per_neuron[s]["precision"] for s in states]
+    return {
+        "code_precision": sum(code_p) / max(1, len(code_p)),
+        "code_recall": sum(recalls[s] for s in states) / max(1, len(states)),
+        "neuron_precision": sum(neuron_p) / max(1, len(neuron_p)),
+        "states": len(states),
+        "per_state": [{"state": s, "code": per_code[s], "neuron": per_neuron[s]} for s in states],
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# interventions
+
+
+@contextlib.contextmanager
+def replaced_codes(
+    model: CodebookModel, keys: list[str], positions: list[int], new_ids: dict[str, torch.Tensor]
+) -> Iterator[None]:
+    """Within the block, codebooks ``keys`` use ``new_ids[key]`` (``(B, len(positions), G,
+    k)``) at ``positions`` of every row instead of the codes their search found."""
+    pos = torch.tensor(positions)
+
+    def make(key: str):
+        def hook(ids: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+            rows = new_ids[key].shape[0]
+            ids = ids.view(rows, -1, *ids.shape[1:]).clone()
+            ids[:, pos.to(ids.device)] = new_ids[key].to(ids.device)
+            return ids.view(-1, *ids.shape[2:])
+
+        return hook
+
+    previous = {key: model.codebooks[key].ids_hook for key in keys}
+    try:
+        for key in keys:
+            model.codebooks[key].ids_hook = make(key)
+        yield
+    finally:
+        for key, hook in previous.items():
+            model.codebooks[key].ids_hook = hook
+
+
+def walks_ending_in(
+    fsm: FSM, length: int, per_state: int, generator: torch.Generator
+) -> dict[int, torch.Tensor]:
+    """Random walks of ``length`` states grouped by their final state."""
+    walks = fsm.walks(per_state * fsm.num_states * 2, length, generator)
+    return {s: walks[walks[:, -1] == s] for s in range(fsm.num_states)}
+
+
+@torch.no_grad()
+def next_state_distribution(model, fsm: FSM, prefixes: torch.Tensor, context=None) -> torch.Tensor:
+    """``(B, N)`` the model's distribution of the next state after each prefix.
+
+    The probability of a state is the product of its digits' probabilities (each
+    digit fed back); it is renormalised over states (mass on other tokens dropped).
+    ``context(rows)`` is entered around each forward pass (for interventions), with
+    the number of rows of that pass.
+    """
+    d = fsm.digits
+    b, t0 = prefixes.shape
+    all_digits = fsm.encode_states(torch.arange(fsm.num_states)).view(fsm.num_states, d)
+    heads = torch.unique(all_digits[:, : d - 1], dim=0) if d > 1 else torch.zeros(1, 0).long()
+    h = heads.shape[0]
+    rows = torch.cat(
+        [prefixes.repeat_interleave(h, 0), heads.repeat(b, 1)], dim=1
+    )  # (B*h, t0 + d - 1)
+    device = next(model.parameters()).device
+    ctx = context(rows.shape[0]) if context is not None else contextlib.nullcontext()
+    with ctx:
+        logits = model(rows.to(device)).logits[:, t0 - 1 :].float().cpu()
+    logp = torch.log_softmax(logits, -1).view(b, h, d, -1)
+    head_index = {tuple(r.tolist()): i for i, r in enumerate(heads)}
+    out = torch.empty(b, fsm.num_states)
+    for s in range(fsm.num_states):
+        digits = all_digits[s]
+        i = head_index[tuple(digits[: d - 1].tolist())]
+        out[:, s] = sum(logp[:, i, j, digits[j]] for j in range(d))
+    return torch.softmax(out, dim=-1)
+
+
+def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Row-wise Jensen-Shannon divergence in bits (in [0, 1])."""
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        return torch.where(
+            a > 0, a * (a.clamp(min=1e-30).log2() - b.clamp(min=1e-30).log2()), 0.0
+        ).sum(-1)
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+@torch.no_grad()
+def intervention_jsd(
+    model: CodebookModel,
+    fsm: FSM,
+    site_sets: dict[str, list[str]],
+    pairs: int = 200,
+    prefix_states: int = 5,
+    seed: int = 0,
+) -> dict:
+    """Swap a source state's codes for a target state's; JSD to the target's successors.
+
+    For ``pairs`` random (source, target) states: a walk of ``prefix_states`` states
+    ending in the source, and one ending in the target. The codes the target walk
+    produces on the target state's digits replace the source walk's codes on its
+    last state's digits, in the codebooks of a site set. The model's next-state
+    distribution is compared with the true one of the target (uniform over its
+    successors). ``jsd[set]`` is the mean JSD divided by the mean JSD with no
+    intervention ("none" = 1; 0 = the model now behaves exactly like the target
+    state); ``jsd_bits`` are the unnormalised means, ``target_mass`` the model's
+    probability of the target's successors.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    by_state = walks_ending_in(fsm, prefix_states, 4, gen)
+    available = [s for s, w in by_state.items() if len(w)]
+    if len(available) < 2:
+        raise ValueError("too few states reachable to form intervention pairs")
+    avail = torch.tensor(available)
+    src = avail[torch.randint(len(avail), (pairs,), generator=gen)]
+    shift = torch.randint(1, len(avail), (pairs,), generator=gen)
+    tgt = avail[(torch.searchsorted(avail, src) + shift) % len(avail)]
+
+    def pick(states):
+        rows = []
+        for s in states.tolist():
+            w = by_state[s]
+            rows.append(w[torch.randint(len(w), (1,), generator=gen)].squeeze(0))
+        walks = torch.stack(rows)
+        bos = torch.full((len(rows), 1), fsm.bos, dtype=torch.long)
+        return torch.cat([bos, fsm.encode_states(walks)], dim=1)
+
+    src_tokens, tgt_tokens = pick(src), pick(tgt)
+    t0 = src_tokens.shape[1]
+    positions = list(range(t0 - fsm.digits, t0))
+    tgt_codes = {k: v[:, positions] for k, v in collect_codes(model, tgt_tokens).items()}
+    truth = torch.zeros(pairs, fsm.num_states)
+    truth.scatter_(1, fsm.successors[tgt], 1.0 / fsm.out_degree)
+    raw, mass = {}, {}
+    for name, keys in {"none": [], **site_sets}.items():
+
+        def context(rows, keys=keys):
+            repeat = rows // pairs
+            ids = {k: tgt_codes[k].repeat_interleave(repeat, 0) for k in keys}
+            return replaced_codes(model, keys, positions, ids)
+
+        p = next_state_distribution(model, fsm, src_tokens, context if keys else None)
+        raw[name] = float(jensen_shannon(p, truth).mean())
+        mass[name] = float((p * (truth > 0)).sum(-1).mean())
+    base_jsd = raw["none"]
+    return {
+        "jsd": {name: v / base_jsd if base_jsd > 0 else float("nan") for name, v in raw.items()},
+        "jsd_bits": raw,
+        "target_mass": mass,
+        "pairs": pairs,
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# frequency by rank
+
+
+def code_frequencies(codes: dict[str, torch.Tensor], num_codes: dict[str, int]) -> dict:
+    """Per codebook: activation counts of every code (all groups), sorted descending."""
+    out = {}
+    for key, ids in codes.items():
+        flat = _flat_codes(ids, num_codes[key]).reshape(-1)
+        g = ids.shape[2]
+        counts = torch.bincount(flat, minlength=g * num_codes[key])
+        out[key] = counts.sort(descending=True).values
+    return out
+
+
+def frequency_summary(counts: torch.Tensor) -> dict:
+    """Active codes, dead fraction, and share of activations held by the top 10% of codes."""
+    total = int(counts.sum())
+    active = int((counts > 0).sum())
+    top = max(1, active // 10)
+    return {
+        "active_codes": active,
+        "dead_fraction": 1.0 - active / counts.numel(),
+        "top10pct_share": float(counts[:top].sum()) / max(1, total),
+    }

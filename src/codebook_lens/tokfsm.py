@@ -1,0 +1,378 @@
+"""The TokFSM experiment end to end: ``codebook fsm`` and ``codebook demo``.
+
+Trains a GPT-NeoX on random walks of a finite state machine (the base model), then a
+codebook model initialised from it (codebooks on every attention head and MLP,
+k = 1), both with the project's training loop; then measures both models and runs
+every analysis of :mod:`codebook_lens.fsm_analysis`. The run directory holds:
+
+- ``fsm.json``: the state machine;
+- ``base/`` and ``codebook/``: each stage's training output (``metrics.jsonl``,
+  ``checkpoints/``, ``model/``); a rerun with the same settings loads them instead
+  of training again, and resumes an interrupted stage from its last checkpoint;
+- ``metrics.json``: the key figures, flat (see :data:`METRIC_KEYS`);
+- ``analysis.json``: per-state and per-codebook details;
+- ``report.html``: plots and tables, self-contained.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import fsm_analysis as A
+from .config import (
+    CheckpointSection,
+    CodebooksSection,
+    DataSection,
+    EvalSection,
+    LoggingSection,
+    OptimSection,
+    ScheduleSection,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    to_dict,
+)
+from .fsm import FSM, FSMData, lm_metrics, neox_config, state_metrics
+from .model import CodebookModel
+from .train import TrainData, train
+
+METRIC_KEYS = {
+    "base.lm_loss": "held-out next-token loss of the base model (nats)",
+    "base.next_token_accuracy": "held-out next-token accuracy of the base model",
+    "base.state_accuracy": "valid transitions among those the base model samples from BOS",
+    "base.first_transition_accuracy": "the first sampled transition is valid",
+    "codebook.*": "the same four for the codebook model",
+    "purity.<site>.<layer>": "fraction of active codes firing on one bigram or trigram",
+    "code_precision": "mean over states of the best code's precision (last digit of a state)",
+    "code_recall": "mean recall of those codes",
+    "neuron_precision": "mean over states of the best base-model neuron's precision at "
+    "the code's recall",
+    "jsd.<site set>": "intervention JSD to the target state's successors, / no intervention",
+    "target_mass.<site set>": "model probability on the target state's successors",
+    "frequency.<codebook>.dead_fraction": "codes that never fire on the analysis sequences",
+    "seconds.<stage>": "wall-clock time of each stage",
+}
+
+
+# ----------------------------------------------------------------------------------------
+# config
+
+
+@dataclasses.dataclass
+class TaskSection:
+    num_states: int = 100
+    out_degree: int = 10
+    base: int = 10
+    seed: int = 0
+    seq_len: int = 128
+
+
+@dataclasses.dataclass
+class NetSection:
+    layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    mlp: int = 512
+
+
+@dataclasses.dataclass
+class StageSection:
+    """One training stage (the base model, or the codebook model)."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    seed: int = 0
+    log_every: int = 25
+    eval_every: int = 250
+    eval_batches: int = 4
+    checkpoint_every: int = 250
+
+
+@dataclasses.dataclass
+class CodebookStageSection(StageSection):
+    """The codebook stage: codebooks on ``sites`` of every layer, initialised from the base."""
+
+    sites: list[str] = dataclasses.field(default_factory=lambda: ["attn_heads", "mlp"])
+    attn_num_codes: int = 1024
+    mlp_num_codes: int = 2048
+    k: int = 1
+    similarity: str = "cosine"
+    codebook_lr: float = 3e-3
+    commitment_weight: float = 0.0
+    kmeans_init: bool = True
+    kmeans_tokens: int = 32768
+    revive_after_steps: int | None = 25
+    from_base: bool = True
+
+
+@dataclasses.dataclass
+class AnalysisSection:
+    sequences: int = 256  # walks for purity, classification and frequencies
+    sample_sequences: int = 256  # sequences sampled from BOS for state accuracy
+    eval_batches: int = 8  # held-out batches for LM loss and accuracy
+    pairs: int = 200  # intervention (source, target) pairs
+    prefix_states: int = 6  # states in each intervention walk
+    purity_threshold: float = 1.0
+    seed: int = 1234
+
+
+@dataclasses.dataclass
+class FSMExperimentConfig:
+    preset: str = "cpu"
+    task: TaskSection = dataclasses.field(default_factory=TaskSection)
+    net: NetSection = dataclasses.field(default_factory=NetSection)
+    base: StageSection = dataclasses.field(default_factory=StageSection)
+    codebook: CodebookStageSection = dataclasses.field(default_factory=CodebookStageSection)
+    analysis: AnalysisSection = dataclasses.field(default_factory=AnalysisSection)
+
+
+PRESETS: dict[str, dict] = {
+    # sized for a 2-core CPU: at most an hour end to end (measured figures in the README)
+    "cpu": {
+        "base": {"steps": 2000, "lr": 3e-3, "warmup_steps": 100, "eval_every": 500},
+        "codebook": {"steps": 1000, "lr": 1e-3, "warmup_steps": 50, "eval_every": 250},
+    },
+    # the demo: the cpu preset's task and model on a shorter budget (about 15 minutes)
+    "demo": {
+        "base": {"steps": 1000, "lr": 3e-3, "warmup_steps": 100, "eval_every": 500},
+        "codebook": {"steps": 400, "lr": 1e-3, "warmup_steps": 50, "eval_every": 200},
+        "analysis": {"pairs": 100, "sequences": 192, "sample_sequences": 192},
+    },
+    # the paper's Table 1 settings (attn + MLP, k = 1, C = 10k); meant for a GPU
+    "paper": {
+        "base": {
+            "steps": 20000,
+            "batch_size": 128,
+            "lr": 1e-3,
+            "warmup_steps": 500,
+            "eval_every": 2000,
+            "checkpoint_every": 2000,
+        },
+        "codebook": {
+            "steps": 20000,
+            "batch_size": 128,
+            "lr": 1e-3,
+            "warmup_steps": 500,
+            "attn_num_codes": 10000,
+            "mlp_num_codes": 10000,
+            "from_base": False,
+            "kmeans_init": False,
+            "eval_every": 2000,
+            "checkpoint_every": 2000,
+        },
+        "analysis": {"pairs": 500, "sequences": 1024, "sample_sequences": 1024},
+    },
+}
+
+
+def load_fsm_config(preset: str = "cpu", overrides: list[str] | None = None):
+    """The config of ``preset`` plus ``key=value`` overrides (strict keys)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    data = copy.deepcopy(PRESETS[preset])
+    data["preset"] = preset
+    return from_dict(FSMExperimentConfig, apply_overrides(data, overrides or []))
+
+
+def stage_config(cfg: FSMExperimentConfig, name: str, out: Path) -> TrainConfig:
+    """The :class:`TrainConfig` of stage ``name`` (``base`` or ``codebook``)."""
+    stage = getattr(cfg, name)
+    sites: list[dict] = []
+    codebooks = CodebooksSection(sites=sites, kmeans_init=False, revive_after_steps=None)
+    codebook_lr = stage.lr
+    if name == "codebook":
+        for site in stage.sites:
+            num = stage.attn_num_codes if site == "attn_heads" else stage.mlp_num_codes
+            sites.append(
+                {
+                    "site": site,
+                    "codebook": {
+                        "num_codes": num,
+                        "k": stage.k,
+                        "similarity": stage.similarity,
+                        "commitment_weight": stage.commitment_weight,
+                    },
+                }
+            )
+        codebooks = CodebooksSection(
+            sites=sites,
+            kmeans_init=stage.kmeans_init,
+            kmeans_tokens=stage.kmeans_tokens,
+            revive_after_steps=stage.revive_after_steps,
+        )
+        codebook_lr = stage.codebook_lr
+    return TrainConfig(
+        output_dir=str(out / name),
+        data=DataSection(corpus="tokfsm", seq_len=cfg.task.seq_len),
+        codebooks=codebooks,
+        optim=OptimSection(
+            lr=stage.lr, codebook_lr=codebook_lr, weight_decay=stage.weight_decay, grad_clip=1.0
+        ),
+        schedule=ScheduleSection(
+            max_steps=stage.steps,
+            batch_size=stage.batch_size,
+            warmup_steps=stage.warmup_steps,
+            scheduler=stage.scheduler,
+            seed=stage.seed,
+        ),
+        logging=LoggingSection(every=stage.log_every),
+        eval=EvalSection(every=stage.eval_every, batches=stage.eval_batches),
+        checkpoint=CheckpointSection(every=stage.checkpoint_every, keep=1),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# the run
+
+
+def _stage(
+    cfg: FSMExperimentConfig,
+    name: str,
+    out: Path,
+    base,
+    data: TrainData,
+    log,
+) -> tuple[CodebookModel, float]:
+    """Train stage ``name`` (or load it when a finished run with the same settings is
+    there; resume it from its last checkpoint when an unfinished one is)."""
+    tcfg = stage_config(cfg, name, out)
+    stage_dir = out / name
+    fingerprint = {"train": to_dict(tcfg), "task": to_dict(cfg.task), "net": to_dict(cfg.net)}
+    stamp = stage_dir / "stage.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != fingerprint:
+        log(f"{name}: settings changed since the last run in {stage_dir}; training afresh")
+        shutil.rmtree(stage_dir)
+    model_dir = stage_dir / "model"
+    done = stage_dir / "done.json"
+    if done.exists() and (model_dir / "codebook_config.json").exists():
+        log(f"{name}: loading the trained model from {model_dir}")
+        seconds = json.loads(done.read_text())["seconds"]
+        return CodebookModel.from_pretrained(model_dir).eval(), seconds
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(fingerprint, indent=2))
+    t0 = time.perf_counter()
+    train(tcfg, resume=True, base=base, data=data, desc=f"{name} model")
+    seconds = time.perf_counter() - t0
+    done.write_text(json.dumps({"seconds": seconds}))
+    return CodebookModel.from_pretrained(model_dir).eval(), seconds
+
+
+def build_base(cfg: FSMExperimentConfig, fsm: FSM, seed: int):
+    """A freshly initialised GPT-NeoX of ``cfg.net`` for ``fsm``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    net = cfg.net
+    config = neox_config(fsm, net.layers, net.hidden, net.heads, net.mlp, cfg.task.seq_len)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@torch.no_grad()
+def model_metrics(model, fsm: FSM, data: FSMData, cfg: FSMExperimentConfig) -> dict:
+    """LM loss and next-token accuracy on held-out walks; state accuracies from samples."""
+    batches = data.first(cfg.analysis.eval_batches, 64)
+    parts = [lm_metrics(model, b) for b in batches]
+    out = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+    out.update(
+        state_metrics(
+            model, fsm, cfg.analysis.sample_sequences, cfg.task.seq_len, seed=cfg.analysis.seed
+        )
+    )
+    return out
+
+
+def site_sets(model: CodebookModel) -> dict[str, list[str]]:
+    """Intervention site sets: each MLP layer alone, all attention, all MLP, all."""
+    keys = list(model.codebooks)
+    mlp = [k for k in keys if model.placement[k][0] == "mlp"]
+    attn = [k for k in keys if model.placement[k][0] in ("attn_heads", "attn")]
+    sets = {k: [k] for k in mlp}
+    if attn:
+        sets["attn"] = attn
+    if mlp:
+        sets["mlp"] = mlp
+    sets["all"] = keys
+    return sets
+
+
+def run(cfg: FSMExperimentConfig, out: str | Path, log=print) -> dict:
+    """Run the experiment into ``out``; returns the flat metrics (also in metrics.json)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t = cfg.task
+    fsm = FSM.random(t.num_states, t.out_degree, t.base, t.seed)
+    fsm.save(out / "fsm.json")
+    data = TrainData(FSMData(fsm, t.seq_len), FSMData(fsm, t.seq_len))
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    seconds: dict[str, float] = {}
+    base_model, seconds["base"] = _stage(
+        cfg, "base", out, build_base(cfg, fsm, cfg.base.seed), data, log
+    )
+    base = base_model.model
+    if cfg.codebook.from_base:
+        start = copy.deepcopy(base)
+    else:
+        start = build_base(cfg, fsm, cfg.codebook.seed)
+    cb_model, seconds["codebook"] = _stage(cfg, "codebook", out, start, data, log)
+
+    t0 = time.perf_counter()
+    log("measuring both models (held-out loss, sampled state accuracy)")
+    metrics: dict = {}
+    for name, model in (("base", base), ("codebook", cb_model)):
+        for key, value in model_metrics(model, fsm, data.eval, cfg).items():
+            metrics[f"{name}.{key}"] = value
+
+    a = cfg.analysis
+    tokens = FSMData(fsm, t.seq_len, stream=1).batch(a.seed, 0, a.sequences)
+    num_codes = {k: cb.num_codes for k, cb in cb_model.codebooks.items()}
+    log("analysing codes: purity, state classification, interventions, frequencies")
+    codes = A.collect_codes(cb_model, tokens)
+    pur = A.purity(fsm, tokens, codes, num_codes, a.purity_threshold)
+    for key, values in pur.items():
+        site, layer = cb_model.placement[key]
+        metrics[f"purity.{site}.{layer}"] = values["purity"]
+    acts = A.neuron_activations(base, tokens)
+    classification = A.state_classification(fsm, tokens, codes, num_codes, acts)
+    del acts
+    for key in ("code_precision", "code_recall", "neuron_precision"):
+        metrics[key] = classification[key]
+    interventions = A.intervention_jsd(
+        cb_model, fsm, site_sets(cb_model), a.pairs, a.prefix_states, a.seed
+    )
+    for name, value in interventions["jsd"].items():
+        metrics[f"jsd.{name}"] = value
+    for name, value in interventions["target_mass"].items():
+        metrics[f"target_mass.{name}"] = value
+    freqs = A.code_frequencies(codes, num_codes)
+    freq_summary = {key: A.frequency_summary(c) for key, c in freqs.items()}
+    for key, summary in freq_summary.items():
+        metrics[f"frequency.{key}.dead_fraction"] = summary["dead_fraction"]
+    seconds["analysis"] = time.perf_counter() - t0
+    for name, value in seconds.items():
+        metrics[f"seconds.{name}"] = value
+
+    details = {
+        "purity": pur,
+        "state_classification": classification,
+        "interventions": interventions,
+        "frequency": freq_summary,
+        "frequency_counts": {k: c[c > 0].tolist() for k, c in freqs.items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "analysis.json").write_text(json.dumps(details))
+    from .report import fsm_report
+
+    fsm_report(out, cfg, metrics, details)
+    return metrics
