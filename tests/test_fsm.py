@@ -78,3 +78,43 @@ def test_lm_metrics_hand_computed():
     m = lm_metrics(model, tokens)
     assert m["lm_loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert m["next_token_accuracy"] == pytest.approx(2 / 3)  # argmax picks token 1: right twice
+
+
+def test_fsm_data_is_a_reproducible_stream_of_valid_walks():
+    from codebook_lens.fsm import FSMData
+
+    fsm = FSM.random(100, 10, 10, seed=0)
+    data = FSMData(fsm, 33)
+    a, b = data.batch(0, 5, 16), data.batch(0, 5, 16)
+    assert torch.equal(a, b)  # a pure function of (seed, index): resuming sees the same data
+    assert not torch.equal(a, data.batch(0, 6, 16))
+    assert not torch.equal(a, data.batch(1, 5, 16))
+    held_out = data.first(2, 16)
+    assert len(held_out) == 2 and all(h.shape == (16, 33) for h in held_out)
+    assert not any(torch.equal(h, data.batch(0, i, 16)) for h in held_out for i in range(4))
+    per_seq, _ = transition_validity(fsm, torch.cat([a, *held_out]))
+    assert (per_seq == 1).all()
+    with pytest.raises(ValueError, match="seq_len"):
+        FSMData(fsm, 4)
+
+
+def test_sampling_with_the_kv_cache_matches_full_forward_passes():
+    """The sampler steps the model with its KV cache; the distributions it samples
+    from must equal those of full forward passes over the same prefix."""
+    from transformers import AutoModelForCausalLM
+
+    from codebook_lens.fsm import neox_config, sample
+
+    fsm = FSM.random(20, 4, 10, seed=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(neox_config(fsm, 2, 32, 2, 64, 24)).eval()
+    tokens = sample(model, fsm, 3, 24, torch.Generator().manual_seed(0))
+    assert tokens.shape == (3, 24) and (tokens[:, 0] == fsm.bos).all()
+    # replay: sampling the same way from full-prefix logits gives the same tokens
+    gen = torch.Generator().manual_seed(0)
+    replay = torch.full((3, 1), fsm.bos)
+    with torch.no_grad():
+        for _ in range(23):
+            probs = torch.softmax(model(replay).logits[:, -1].float(), -1)
+            replay = torch.cat([replay, torch.multinomial(probs, 1, generator=gen)], 1)
+    assert torch.equal(tokens, replay)

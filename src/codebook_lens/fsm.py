@@ -189,8 +189,12 @@ def neox_config(
     heads: int = 4,
     mlp: int = 512,
     seq_len: int = 128,
+    rotary_fraction: float = 0.25,
 ):
-    """A GPT-NeoX config for ``fsm``'s vocabulary (the paper's model: 4 x 128, 4 heads)."""
+    """A GPT-NeoX config for ``fsm``'s vocabulary (the paper's model: 4 x 128, 4 heads).
+
+    ``rotary_fraction``: the share of each head's dimensions that get rotary position
+    embeddings (GPT-NeoX's default is 0.25)."""
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(
@@ -204,6 +208,11 @@ def neox_config(
         eos_token_id=fsm.bos,
         pad_token_id=fsm.bos,
         tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": rotary_fraction,
+        },
     )
 
 

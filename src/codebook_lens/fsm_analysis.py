@@ -438,6 +438,8 @@ def intervention_jsd(
         "jsd_bits": raw,
         "target_mass": mass,
         "pairs": pairs,
+        "sources": src.tolist(),
+        "targets": tgt.tolist(),
     }
 
 

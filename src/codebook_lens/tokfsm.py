@@ -80,6 +80,7 @@ class NetSection:
     hidden: int = 128
     heads: int = 4
     mlp: int = 512
+    rotary_fraction: float = 0.25
 
 
 @dataclasses.dataclass
@@ -274,7 +275,9 @@ def build_base(cfg: FSMExperimentConfig, fsm: FSM, seed: int):
 
     torch.manual_seed(seed)
     net = cfg.net
-    config = neox_config(fsm, net.layers, net.hidden, net.heads, net.mlp, cfg.task.seq_len)
+    config = neox_config(
+        fsm, net.layers, net.hidden, net.heads, net.mlp, cfg.task.seq_len, net.rotary_fraction
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -308,6 +311,9 @@ def site_sets(model: CodebookModel) -> dict[str, list[str]]:
 
 def run(cfg: FSMExperimentConfig, out: str | Path, log=print) -> dict:
     """Run the experiment into ``out``; returns the flat metrics (also in metrics.json)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars say what is going on
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t = cfg.task
