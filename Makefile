@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/codebook selfcheck
+	$(BIN)/codebook demo
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

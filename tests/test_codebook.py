@@ -287,6 +287,23 @@ def test_revived_codes_take_the_median_norm_of_live_codes():
     torch.testing.assert_close(revived, expected[:, None].expand(2, 6))
 
 
+def test_with_k1_a_revived_code_is_the_activation_itself():
+    torch.manual_seed(0)
+    cb = Codebook(8, CodebookConfig(num_codes=6, k=1, similarity="cosine"))
+    with torch.no_grad():
+        cb.weight.mul_(0.01)  # live codes far smaller than the inputs
+    cb.track_usage()
+    x = torch.randn(32, 8) * 5
+    cb(x)
+    cb.idle_steps.zero_()
+    cb.idle_steps[0, 3:] = 4
+    cb.revive_dead_codes(max_idle_steps=4, noise=0.0)
+    revived = cb.weight[0, 3:].detach()
+    # each revived code is one of the recent inputs, at its own scale
+    dist = torch.cdist(revived, x)
+    assert dist.min(dim=1).values.max() < 1e-5
+
+
 def test_revival_needs_tracking():
     cb = make()
     cb.idle_steps += 5

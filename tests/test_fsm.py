@@ -118,3 +118,23 @@ def test_sampling_with_the_kv_cache_matches_full_forward_passes():
             probs = torch.softmax(model(replay).logits[:, -1].float(), -1)
             replay = torch.cat([replay, torch.multinomial(probs, 1, generator=gen)], 1)
     assert torch.equal(tokens, replay)
+
+
+def test_jumps_are_in_the_context_but_never_targets():
+    from codebook_lens.fsm import FSMData
+
+    fsm = FSM.random(100, 10, 10, seed=0)
+    tokens, labels = FSMData(fsm, 129, jump_rate=0.2).batch(0, 0, 64)
+    states = fsm.decode_states(tokens[:, 1:])  # (64, 64)
+    valid = fsm.adjacency()[states[:, :-1], states[:, 1:]]
+    masked = (labels[:, 1:] == -100).view(64, 64, 2)
+    assert (masked[..., 0] == masked[..., 1]).all()  # both digits of a state, or neither
+    jumped = masked[..., 0]
+    assert not jumped[:, 0].any()  # the start state is a target
+    assert valid[~jumped[:, 1:]].all()  # every unmasked transition is an edge
+    assert 0.1 < jumped[:, 1:].float().mean() < 0.3  # about the jump rate
+    assert (~valid[jumped[:, 1:]]).float().mean() > 0.8  # most jumps leave the machine
+    assert torch.equal(labels[labels != -100], tokens[labels != -100])
+    # held-out batches stay clean walks
+    held = FSMData(fsm, 129, jump_rate=0.2).first(1, 8)[0]
+    assert transition_validity(fsm, held)[0].eq(1).all()

@@ -408,8 +408,8 @@ class Codebook(nn.Module):
         """Re-initialise codes idle for ``max_idle_steps`` steps from recent inputs.
 
         New codes are recent activations (of the same group) plus Gaussian noise of
-        ``noise`` times their scale, rescaled (cosine and inner product) to the median
-        norm of the group's live codes; the optimizer's per-element state for those rows
+        ``noise`` times their scale; with k > 1 summed codes (cosine and inner product)
+        they are rescaled to the median norm of the group's live codes; the optimizer's per-element state for those rows
         (Adam's moments, momentum buffers) is zeroed. Returns how many codes were revived.
         Needs usage tracking on (it supplies the recent inputs).
         """
@@ -432,10 +432,11 @@ class Codebook(nn.Module):
         scale = seeds.norm(dim=-1, keepdim=True) / math.sqrt(self.dim)
         jitter = torch.randn(seeds.shape, generator=generator, device="cpu").to(seeds.device)
         seeds = seeds + noise * scale * jitter
-        if self.config.similarity != "euclidean":
+        if self.k > 1 and self.config.similarity != "euclidean":
             # a new code takes the typical norm of its group's live codes (which is about
             # 1/k of an activation when k codes are summed), so that it does not
-            # overshoot the sum it joins; the direction comes from the recent input
+            # overshoot the sum it joins; the direction comes from the recent input.
+            # With k = 1 the code is the activation itself.
             norms = self.weight.norm(dim=-1)  # (G, C)
             live = torch.where(dead, torch.nan, norms).nanmedian(dim=-1).values  # (G,)
             fallback = seeds.norm(dim=-1) / self.k

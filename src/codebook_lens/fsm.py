@@ -89,14 +89,26 @@ class FSM:
         return adj
 
     def walks(
-        self, batch: int, num_states: int, generator: torch.Generator | None = None
+        self,
+        batch: int,
+        num_states: int,
+        generator: torch.Generator | None = None,
+        jumps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(batch, num_states) random walks from uniform random start states."""
+        """(batch, num_states) random walks from uniform random start states.
+
+        ``jumps`` (bool, ``(batch, num_states)``), when given, marks steps that go to a
+        uniformly random state instead of a successor.
+        """
         states = torch.empty(batch, num_states, dtype=torch.long)
         states[:, 0] = torch.randint(0, self.num_states, (batch,), generator=generator)
         choice = torch.randint(0, self.out_degree, (batch, num_states), generator=generator)
+        if jumps is not None:
+            anywhere = torch.randint(0, self.num_states, (batch, num_states), generator=generator)
         for t in range(1, num_states):
             states[:, t] = self.successors[states[:, t - 1], choice[:, t]]
+            if jumps is not None:
+                states[:, t] = torch.where(jumps[:, t], anywhere[:, t], states[:, t])
         return states
 
     def sequences(
@@ -160,26 +172,51 @@ class FSMData:
 
     eval_seed = 1_000_000_007
 
-    def __init__(self, fsm: FSM, seq_len: int, stream: int = 0) -> None:
+    def __init__(self, fsm: FSM, seq_len: int, stream: int = 0, jump_rate: float = 0.0) -> None:
         if seq_len < 1 + 2 * fsm.digits:
             raise ValueError(
                 f"seq_len must hold BOS and two states ({1 + 2 * fsm.digits} tokens), got {seq_len}"
             )
+        if not 0.0 <= jump_rate < 1.0:
+            raise ValueError(f"jump_rate must be in [0, 1), got {jump_rate}")
         self.fsm = fsm
         self.seq_len = seq_len
         self.stream = stream
+        self.jump_rate = jump_rate
 
     def __len__(self) -> int:
         return 2**62
 
-    def batch(self, seed: int, index: int, batch_size: int) -> torch.Tensor:
+    def batch(self, seed: int, index: int, batch_size: int):
+        """Walk sequences; with a ``jump_rate``, ``(tokens, labels)`` where some steps
+        jump to a random state and the jumped-to digits are not targets (label -100).
+
+        Jumps put the model's own kind of mistake into the context without ever
+        teaching it to make one: a model sampling from itself must keep following
+        the machine after an invalid transition.
+        """
         gen = torch.Generator().manual_seed(
             (seed * 1_000_003 + index * 7_919 + self.stream * 104_729) % (2**63)
         )
-        return self.fsm.sequences(batch_size, self.seq_len, gen)
+        if not self.jump_rate:
+            return self.fsm.sequences(batch_size, self.seq_len, gen)
+        fsm = self.fsm
+        n_states = math.ceil((self.seq_len - 1) / fsm.digits)
+        jumps = torch.rand(batch_size, n_states, generator=gen) < self.jump_rate
+        jumps[:, 0] = False
+        walks = fsm.walks(batch_size, n_states, gen, jumps)
+        bos = torch.full((batch_size, 1), fsm.bos, dtype=torch.long)
+        tokens = torch.cat([bos, fsm.encode_states(walks)], dim=1)[:, : self.seq_len]
+        masked = torch.cat(
+            [torch.zeros(batch_size, 1, dtype=torch.bool), jumps.repeat_interleave(fsm.digits, 1)],
+            dim=1,
+        )[:, : self.seq_len]
+        return tokens, tokens.masked_fill(masked, -100)
 
     def first(self, count: int, batch_size: int) -> list[torch.Tensor]:
-        return [self.batch(self.eval_seed, i, batch_size) for i in range(count)]
+        """Held-out batches of clean walks (no jumps)."""
+        clean = FSMData(self.fsm, self.seq_len, self.stream)
+        return [clean.batch(self.eval_seed, i, batch_size) for i in range(count)]
 
 
 def neox_config(

@@ -143,6 +143,7 @@ def kmeans_init(
             seen, index = 0, 0
             while seen < tokens:
                 batch = blocks.batch(seed + 7919, index, batch_size)
+                batch = batch[0] if isinstance(batch, tuple) else batch
                 model(batch.to(next(model.parameters()).device))
                 seen += batch.numel()
                 index += 1
@@ -531,11 +532,14 @@ def _loop(
         t0 = time.perf_counter()
         for micro in range(accum):
             index = (step * accum + micro) * world + rank
-            batch = train_blocks.batch(cfg.schedule.seed, index, cfg.schedule.batch_size).to(device)
+            batch = train_blocks.batch(cfg.schedule.seed, index, cfg.schedule.batch_size)
+            # a data source may give (input_ids, labels), e.g. with some targets masked
+            batch, labels = batch if isinstance(batch, tuple) else (batch, batch)
+            batch, labels = batch.to(device), labels.to(device)
             sync = micro == accum - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
-                out = model(batch, labels=batch, return_codes=False)
+                out = model(batch, labels=labels, return_codes=False)
                 loss = out.loss / accum
             accelerator.backward(loss)
             window.lm += out.lm_loss.item() / accum
