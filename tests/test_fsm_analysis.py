@@ -225,10 +225,14 @@ def test_fsm_command_end_to_end(tmp_path, capsys):
         "jsd.layer0_mlp",
         "purity.mlp.0",
         "purity.attn_heads.1",
+        "base.valid_transition_mass",
+        "codebook.shifted_state_accuracy",
     ):
         assert key in metrics, key
     for key, value in metrics.items():
-        if key.startswith(("purity.", "target_mass.")) or "accuracy" in key or "precision" in key:
+        if key.startswith(("purity.", "target_mass.", "jsd.")) or any(
+            word in key for word in ("accuracy", "precision", "mass")
+        ):
             assert 0.0 <= value <= 1.0, (key, value)
     assert metrics["jsd.none"] == 1.0
     html = (out / "report.html").read_text()

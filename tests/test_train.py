@@ -218,3 +218,52 @@ def test_killed_process_resumes_to_the_same_result(tiny_dir, tmp_path):
     base_b = load_file(str(out / "model" / "base" / "model.safetensors"))
     for key in base_a:
         assert torch.equal(base_a[key], base_b[key]), key
+
+
+def test_tensorboard_mirrors_the_json_metrics(tiny_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(make_cfg(tiny_dir, out, "logging.tensorboard=true"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"lm_loss", "reconstruction_loss", "tokens_per_s", "eval/codebook.lm_loss"} <= tags
+    assert "sites/layer1_mlp/dead_fraction" in tags
+    logged = [(e.step, e.value) for e in acc.Scalars("lm_loss")]
+    expected = [(r["step"], r["lm_loss"]) for r in records if "lm_loss" in r]
+    assert [s for s, _ in logged] == [s for s, _ in expected]
+    for (_, a), (_, b) in zip(logged, expected, strict=True):
+        assert a == pytest.approx(b, rel=1e-6)  # TensorBoard stores float32
+
+
+@pytest.mark.parametrize("with_splits", [False, True])
+def test_trains_on_a_local_datasets_directory(tiny_dir, tmp_path, with_splits):
+    datasets = pytest.importorskip("datasets")
+    from codebook_lens.data import DataError, iter_documents
+
+    texts = [corpus_text(30, seed=i) for i in range(40)]
+    path = tmp_path / "ds"
+    if with_splits:
+        datasets.DatasetDict(
+            {
+                "train": datasets.Dataset.from_dict({"body": texts[:36]}),
+                "validation": datasets.Dataset.from_dict({"body": texts[36:]}),
+            }
+        ).save_to_disk(str(path))
+    else:
+        datasets.Dataset.from_dict({"body": texts}).save_to_disk(str(path))
+    train_docs = list(iter_documents(str(path), "train", "body", 0.1))
+    eval_docs = list(iter_documents(str(path), "eval", "body", 0.1))
+    assert sorted(train_docs + eval_docs) == sorted(texts)  # every document, once
+    assert not set(train_docs) & set(eval_docs)
+    if with_splits:
+        assert eval_docs == texts[36:]
+    with pytest.raises(DataError, match="no column 'text'; columns: body"):
+        list(iter_documents(str(path), "train", "text", 0.1))
+    result = train(
+        make_cfg(tiny_dir, tmp_path / "run", f"data.corpus={path}", "data.text_field=body")
+    )
+    assert result["codebook.lm_loss"] > 0

@@ -76,6 +76,11 @@ def _print_fsm_summary(m: dict, out: str) -> None:
             pct("codebook.next_token_accuracy"),
         ),
         ("state accuracy", pct("base.state_accuracy"), pct("codebook.state_accuracy")),
+        (
+            "valid mass (forced)",
+            pct("base.valid_transition_mass"),
+            pct("codebook.valid_transition_mass"),
+        ),
     ]
     print()
     for a, b, c in rows:

@@ -82,18 +82,23 @@ def _dataset_documents(path: Path, split: str, text_field: str, fraction: float)
     from datasets import DatasetDict, load_from_disk
 
     ds = load_from_disk(str(path))
+
+    def check(table) -> None:
+        if text_field not in table.column_names:
+            raise DataError(
+                f"{path} has no column {text_field!r}; columns: {', '.join(table.column_names)}"
+            )
+
     if isinstance(ds, DatasetDict):
         names = ["train"] if split == "train" else ["validation", "test", "eval"]
         chosen = [n for n in names if n in ds]
         if chosen:
+            check(ds[chosen[0]])
             for row in ds[chosen[0]]:
                 yield row[text_field]
             return
         ds = ds[next(iter(ds))]
-    if text_field not in ds.column_names:
-        raise DataError(
-            f"{path} has no column {text_field!r}; columns: {', '.join(ds.column_names)}"
-        )
+    check(ds)
     for i, row in enumerate(ds):
         if _in_eval(str(i), fraction) == (split == "eval"):
             yield row[text_field]

@@ -392,8 +392,8 @@ def intervention_jsd(
     last state's digits, in the codebooks of a site set. The model's next-state
     distribution is compared with the true one of the target (uniform over its
     successors). ``jsd[set]`` is the mean JSD divided by the mean JSD with no
-    intervention ("none" = 1; 0 = the model now behaves exactly like the target
-    state); ``jsd_bits`` are the unnormalised means, ``target_mass`` the model's
+    intervention, capped at 1 ("none" = 1; 0 = the model now behaves exactly like the
+    target state); ``jsd_ratio`` is the same uncapped, ``jsd_bits`` the unnormalised means, ``target_mass`` the model's
     probability of the target's successors.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -433,8 +433,12 @@ def intervention_jsd(
         raw[name] = float(jensen_shannon(p, truth).mean())
         mass[name] = float((p * (truth > 0)).sum(-1).mean())
     base_jsd = raw["none"]
+    ratio = {name: v / base_jsd if base_jsd > 0 else float("nan") for name, v in raw.items()}
     return {
-        "jsd": {name: v / base_jsd if base_jsd > 0 else float("nan") for name, v in raw.items()},
+        # a swap that moves the model further from the target than no swap at all
+        # counts as no effect: the reported fraction is capped at 1 (ratio is uncapped)
+        "jsd": {name: min(1.0, v) for name, v in ratio.items()},
+        "jsd_ratio": ratio,
         "jsd_bits": raw,
         "target_mass": mass,
         "pairs": pairs,

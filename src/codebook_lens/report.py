@@ -156,15 +156,23 @@ def fsm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
                 100 * m[f"{name}.next_token_accuracy"],
                 100 * m[f"{name}.state_accuracy"],
                 100 * m[f"{name}.first_transition_accuracy"],
+                100 * m[f"{name}.valid_transition_mass"],
             ]
         )
         classes.append("ours")
     for setting, loss, acc, state in PAPER_TABLE1:
-        rows.append([setting, loss, acc, state, "-"])
+        rows.append([setting, loss, acc, state, "-", "-"])
         classes.append("")
     table = _table(
         rows,
-        ["model", "LM loss", "next-token acc %", "state acc %", "first transition acc %"],
+        [
+            "model",
+            "LM loss",
+            "next-token acc %",
+            "state acc %",
+            "first transition acc %",
+            "valid mass, teacher-forced %",
+        ],
         classes,
     )
     pur = {k: v for k, v in m.items() if k.startswith("purity.")}
@@ -187,7 +195,9 @@ def fsm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
         "<h2>Models</h2>",
         table,
         "<p class='note'>State accuracy: the fraction of valid transitions in sequences sampled "
-        "from BOS. Paper rows are quoted for reference (their budgets differ).</p>",
+        "from BOS (temperature 1). Valid mass: the probability the model gives to valid next "
+        "states after true walks. Paper rows are quoted for reference (their budgets "
+        "differ).</p>",
         "<h2>Training curves</h2>",
         training_curves(run_dir, ["base", "codebook"]),
         "<h2>Code purity per layer</h2>",

@@ -48,6 +48,10 @@ METRIC_KEYS = {
     "base.next_token_accuracy": "held-out next-token accuracy of the base model",
     "base.state_accuracy": "valid transitions among those the base model samples from BOS",
     "base.first_transition_accuracy": "the first sampled transition is valid",
+    "base.valid_transition_mass": "teacher-forced: probability of valid next states after "
+    "true walks",
+    "base.shifted_state_accuracy": "the sampled sequences read with digits paired one token "
+    "later (chance ~ out_degree / num_states; higher = the model slipped alignment)",
     "codebook.*": "the same four for the codebook model",
     "purity.<site>.<layer>": "fraction of active codes firing on one bigram or trigram",
     "code_precision": "mean over states of the best code's precision (last digit of a state)",
@@ -338,7 +342,30 @@ def model_metrics(model, fsm: FSM, data: FSMData, cfg: FSMExperimentConfig) -> d
             model, fsm, cfg.analysis.sample_sequences, cfg.task.seq_len, seed=cfg.analysis.seed
         )
     )
+    out["valid_transition_mass"] = valid_transition_mass(model, fsm, cfg.task.seq_len)
     return out
+
+
+@torch.no_grad()
+def valid_transition_mass(
+    model, fsm: FSM, seq_len: int, per_length: int = 32, seed: int = 99
+) -> float:
+    """Mean probability the model gives to valid next states after true walks
+    (teacher-forced, prefixes of every length up to ``seq_len``): how well it knows the
+    machine when its context is right, as opposed to sampling from its own output."""
+    gen = torch.Generator().manual_seed(seed)
+    adj = fsm.adjacency().float()
+    total, count = 0.0, 0
+    max_states = (seq_len - 1) // fsm.digits - 1
+    for length in range(1, max_states + 1, max(1, max_states // 8)):
+        walks = fsm.walks(per_length, length, gen)
+        prefixes = torch.cat(
+            [torch.full((per_length, 1), fsm.bos), fsm.encode_states(walks)], dim=1
+        )
+        p = A.next_state_distribution(model, fsm, prefixes)
+        total += float((p * adj[walks[:, -1]]).sum())
+        count += per_length
+    return total / count
 
 
 def site_sets(model: CodebookModel) -> dict[str, list[str]]:
