@@ -154,25 +154,24 @@ def best_codes_per_state(
     best: list[dict] = [{"f1": -1.0} for _ in range(n)]
     for key, ids in codes.items():
         flat = _flat_codes(ids, num_codes[key])[mask]  # (M, slots)
-        size = flat.shape[1] and int(flat.max()) + 1
-        for slot in range(flat.shape[1]):
-            c = flat[:, slot]
-            joint = torch.bincount(c * n + states, minlength=size * n).view(size, n).double()
-            code_total = joint.sum(1, keepdim=True)
-            precision = joint / code_total.clamp(min=1)
-            recall = joint / state_total.clamp(min=1)
-            f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-            top, arg = f1.max(0)
-            for s in range(n):
-                if top[s] > best[s]["f1"]:
-                    a = int(arg[s])
-                    best[s] = {
-                        "f1": float(top[s]),
-                        "precision": float(precision[a, s]),
-                        "recall": float(recall[a, s]),
-                        "key": key,
-                        "code": a,
-                    }
+        size = ids.shape[2] * num_codes[key]
+        # a code fires at a position when it holds any of the k slots (they are distinct)
+        c = flat.reshape(-1)
+        s_rep = states.repeat_interleave(flat.shape[1])
+        joint = torch.bincount(c * n + s_rep, minlength=size * n).view(size, n).double()
+        precision = joint / joint.sum(1, keepdim=True).clamp(min=1)
+        recall = joint / state_total.clamp(min=1)
+        f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+        top, arg = f1.max(0)
+        for s in (top > torch.tensor([b["f1"] for b in best])).nonzero().view(-1).tolist():
+            a = int(arg[s])
+            best[s] = {
+                "f1": float(top[s]),
+                "precision": float(precision[a, s]),
+                "recall": float(recall[a, s]),
+                "key": key,
+                "code": a,
+            }
     return best
 
 

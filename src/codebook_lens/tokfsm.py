@@ -234,7 +234,7 @@ def stage_config(cfg: FSMExperimentConfig, name: str, out: Path) -> TrainConfig:
     stage = getattr(cfg, name)
     sites: list[dict] = []
     codebooks = CodebooksSection(sites=sites, kmeans_init=False, revive_after_steps=None)
-    codebook_lr = stage.lr
+    codebook_lr, freeze_base = stage.lr, False
     if name == "codebook":
         for site in stage.sites:
             num = stage.attn_num_codes if site == "attn_heads" else stage.mlp_num_codes
@@ -255,7 +255,7 @@ def stage_config(cfg: FSMExperimentConfig, name: str, out: Path) -> TrainConfig:
             kmeans_tokens=stage.kmeans_tokens,
             revive_after_steps=stage.revive_after_steps,
         )
-        codebook_lr = stage.codebook_lr
+        codebook_lr, freeze_base = stage.codebook_lr, stage.freeze_base
     return TrainConfig(
         output_dir=str(out / name),
         data=DataSection(corpus="tokfsm", seq_len=cfg.task.seq_len),
@@ -265,7 +265,7 @@ def stage_config(cfg: FSMExperimentConfig, name: str, out: Path) -> TrainConfig:
             codebook_lr=codebook_lr,
             weight_decay=stage.weight_decay,
             grad_clip=1.0,
-            freeze_base=getattr(stage, "freeze_base", False),
+            freeze_base=freeze_base,
         ),
         schedule=ScheduleSection(
             max_steps=stage.steps,

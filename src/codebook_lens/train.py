@@ -142,8 +142,7 @@ def kmeans_init(
         with model.codebooks_disabled():
             seen, index = 0, 0
             while seen < tokens:
-                batch = blocks.batch(seed + 7919, index, batch_size)
-                batch = batch[0] if isinstance(batch, tuple) else batch
+                batch, _ = _inputs_and_labels(blocks.batch(seed + 7919, index, batch_size))
                 model(batch.to(next(model.parameters()).device))
                 seen += batch.numel()
                 index += 1
@@ -532,9 +531,9 @@ def _loop(
         t0 = time.perf_counter()
         for micro in range(accum):
             index = (step * accum + micro) * world + rank
-            batch = train_blocks.batch(cfg.schedule.seed, index, cfg.schedule.batch_size)
-            # a data source may give (input_ids, labels), e.g. with some targets masked
-            batch, labels = batch if isinstance(batch, tuple) else (batch, batch)
+            batch, labels = _inputs_and_labels(
+                train_blocks.batch(cfg.schedule.seed, index, cfg.schedule.batch_size)
+            )
             batch, labels = batch.to(device), labels.to(device)
             sync = micro == accum - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
@@ -615,6 +614,12 @@ def _loop(
     log.close()
     accelerator.wait_for_everyone()
     return {"output_dir": str(out_dir), "processes": world, **last_eval}
+
+
+def _inputs_and_labels(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A data source gives input ids (their own labels) or (input_ids, labels), e.g. with
+    some targets masked to -100."""
+    return batch if isinstance(batch, tuple) else (batch, batch)
 
 
 def _trainable_state(model: CodebookModel, cfg: TrainConfig) -> dict[str, torch.Tensor]:
