@@ -98,6 +98,168 @@ def _print_fsm_summary(m: dict, out: str) -> None:
     print(f"\n  {minutes:.1f} min; report: {Path(out, 'report.html').resolve()}")
 
 
+def _intervention_from(args: argparse.Namespace, codes: list):
+    from .intervene import Intervention
+
+    start = args.from_position
+    return Intervention(
+        force=codes,
+        disable=args.disable or [],
+        mode=args.mode,
+        positions=None if start is None else slice(start, None),
+    )
+
+
+def _steer(args: argparse.Namespace) -> int:
+    from .intervene import check_intervention, generate
+    from .loading import load_codebook_model
+
+    if not args.code and not args.disable:
+        print("codebook steer: give at least one --code or --disable", file=sys.stderr)
+        return 2
+    intervention = _intervention_from(args, args.code or [])
+    loaded = load_codebook_model(args.model_dir)
+    check_intervention(loaded.model, intervention)
+    options = dict(
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    baseline = generate(loaded, args.prompt, **options)[0]
+    steered = generate(loaded, args.prompt, intervention=intervention, **options)[0]
+    if args.json:
+        report = {"prompt": args.prompt, **intervention.describe(), **options}
+        print(json.dumps({**report, "baseline": baseline, "steered": steered}, indent=2))
+        return 0
+    described = intervention.describe()
+    print(f"prompt: {args.prompt!r}")
+    print(
+        f"force: {', '.join(described['force']) or 'none'}; "
+        f"disable: {', '.join(described['disable']) or 'none'}; "
+        f"mode: {described['mode']}; positions: {described['positions']}"
+    )
+    for i, (before, after) in enumerate(zip(baseline, steered, strict=True), 1):
+        print(f"\n[{i}] baseline: {before!r}")
+        print(f"{'':>{len(str(i)) + 2}} steered:  {after!r}")
+    return 0
+
+
+def _steer_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .intervene import check_intervention, steering_eval
+    from .loading import load_codebook_model
+
+    words = [w.strip() for w in args.words.split(",") if w.strip()]
+    if not words:
+        print(f"codebook steer-eval: --words names no word: {args.words!r}", file=sys.stderr)
+        return 2
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"no prompts file at {path}")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        print("codebook steer-eval: give prompts with --prompt or --prompts-file", file=sys.stderr)
+        return 2
+    selected = []
+    if args.cache:
+        if not args.topic_text:
+            print("codebook steer-eval: --cache needs --topic-text", file=sys.stderr)
+            return 2
+        try:
+            from .cache import CodeCache
+            from .search import topic_codes
+        except ImportError as err:
+            print(f"codebook steer-eval: --cache is unavailable here ({err})", file=sys.stderr)
+            return 2
+        limits = {
+            name: value
+            for name, value in (
+                ("min_fraction", args.min_fraction),
+                ("max_frequency", args.max_frequency),
+            )
+            if value is not None
+        }
+        hits = list(topic_codes(CodeCache.open(args.cache), args.topic_text, **limits))
+        hits = hits[: args.max_codes]
+        if not hits:
+            print(
+                f"codebook steer-eval: no code in {args.cache} fits the topic text; "
+                "lower --min-fraction or raise --max-frequency",
+                file=sys.stderr,
+            )
+            return 2
+        codes = [hit.ref for hit in hits]
+        selected = [
+            {"code": str(hit.ref), "coverage": hit.coverage, "frequency": hit.frequency}
+            for hit in hits
+        ]
+    else:
+        codes = args.code
+    intervention = _intervention_from(args, codes)
+    loaded = load_codebook_model(args.model_dir)
+    check_intervention(loaded.model, intervention)
+    result = steering_eval(
+        loaded,
+        None,
+        list(intervention.force),
+        prompts,
+        args.samples,
+        words,
+        args.mode,
+        disable=list(intervention.disable),
+        positions=intervention.positions,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        progress=not args.json,
+    )
+    out = str(result.save(args.out)) if args.out else None
+    summary = {**result.summary(), "selected": selected, "out": out}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for hit in selected:
+        print(
+            f"  selected {hit['code']}: coverage {hit['coverage']:.2f}, "
+            f"frequency {hit['frequency']:.4f}"
+        )
+    total = summary["samples"]
+    print(f"codes: {', '.join(summary['force'])} ({summary['mode']}, {summary['positions']})")
+    print(f"topic words: {', '.join(words)}")
+    print(
+        f"  baseline {summary['baseline_mentions']:>5}/{total} = {summary['baseline_fraction']:.1%}"
+    )
+    print(
+        f"  steered  {summary['steered_mentions']:>5}/{total} = {summary['steered_fraction']:.1%}"
+    )
+    if out:
+        print(f"samples: {out}")
+    return 0
+
+
+def _add_intervention_options(p: argparse.ArgumentParser, samples: int) -> None:
+    from .intervene import MODES
+
+    p.add_argument("--disable", action="append", metavar="CODE", help="disable a code (repeatable)")
+    p.add_argument("--mode", choices=MODES, default="replace_last", help="how forced codes enter")
+    p.add_argument(
+        "--from-position",
+        type=int,
+        default=None,
+        metavar="N",
+        help="intervene from token position N on (default: every position, prompt included)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    p.add_argument("--samples", type=int, default=samples, metavar="N", help="samples per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 decodes greedily")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="codebook",
@@ -134,6 +296,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=argparse.SUPPRESS)
     p.set_defaults(func=_demo)
+    p = sub.add_parser("steer", help="generate with and without codes forced on, side by side")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a saved codebook model")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument(
+        "--code", action="append", metavar="CODE", help="force a code on, e.g. layer12_mlp:345"
+    )
+    _add_intervention_options(p, samples=3)
+    p.set_defaults(func=_steer)
+    p = sub.add_parser(
+        "steer-eval", help="fraction of samples on a topic, without and with topic codes forced on"
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a saved codebook model")
+    p.add_argument("--words", required=True, help="topic words, comma-separated (whole words)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--code", action="append", metavar="CODE", help="force a code on")
+    which.add_argument("--cache", metavar="CACHE_DIR", help="pick topic codes from a code cache")
+    p.add_argument("--topic-text", help="with --cache: text about the topic")
+    p.add_argument("--max-codes", type=int, default=3, metavar="N", help="with --cache (default 3)")
+    p.add_argument("--min-fraction", type=float, default=None, help="with --cache")
+    p.add_argument("--max-frequency", type=float, default=None, help="with --cache")
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", metavar="FILE", help="prompts, one per line")
+    p.add_argument("--out", metavar="FILE.json", help="save every sample here")
+    _add_intervention_options(p, samples=10)
+    p.set_defaults(func=_steer_eval)
+    from .cli_cache import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

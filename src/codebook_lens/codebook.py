@@ -209,6 +209,9 @@ def _flat_ids(ids: torch.Tensor, num_codes: int) -> torch.Tensor:
     return (ids + offsets).view(-1, ids.shape[-1])
 
 
+EMPTY_SLOT = -1  # an id slot that holds no code (an intervention may leave slots empty)
+
+
 def scatter_rows(flat: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     """``out[flat[i, j]] += rows[i]`` for every token i and slot j: ``(num_rows, d)``.
 
@@ -237,19 +240,33 @@ class CodebookLookup(torch.autograd.Function):
     and, when ``lm_grad_to_codes``, to the selected codes as well. ``rec`` carries the
     reconstruction loss: its gradient reaches only the selected codes. Backward scatters
     into the k selected rows per token with ``index_add_``; no N x C tensor exists.
+
+    ``ids`` may have any number of slots. With ``empty_slots``, a slot holding
+    :data:`EMPTY_SLOT` adds nothing and receives no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, ids, lm_grad_to_codes: bool):
+    def forward(ctx, x, weight, ids, lm_grad_to_codes: bool, empty_slots: bool = False):
         n, groups, dim = x.shape
         num_codes = weight.shape[1]
-        flat = _flat_ids(ids, num_codes)
-        q = F.embedding_bag(flat, weight.reshape(groups * num_codes, dim), mode="sum")
+        table = weight.reshape(groups * num_codes, dim)
+        if empty_slots:
+            filled = ids >= 0
+            flat = _flat_ids(ids.clamp(min=0), num_codes)
+            q = F.embedding_bag(
+                flat, table, mode="sum", per_sample_weights=filled.view(flat.shape).to(table.dtype)
+            )
+            # backward scatters empty slots into a spare row past the end, then drops it
+            flat = flat.masked_fill(~filled.view(flat.shape), groups * num_codes)
+        else:
+            flat = _flat_ids(ids, num_codes)
+            q = F.embedding_bag(flat, table, mode="sum")
         q = q.view(n, groups, dim).to(x.dtype)
         ctx.save_for_backward(flat)
         ctx.weight_shape = weight.shape
         ctx.weight_dtype = weight.dtype
         ctx.lm_grad_to_codes = lm_grad_to_codes
+        ctx.empty_slots = empty_slots
         ctx.mark_non_differentiable(ids)
         return q, q.detach().clone()
 
@@ -267,8 +284,10 @@ class CodebookLookup(torch.autograd.Function):
                 grad_w = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=flat.device)
             else:
                 rows = total.reshape(-1, dim).to(ctx.weight_dtype)
-                grad_w = scatter_rows(flat, rows, groups * num_codes).view(groups, num_codes, dim)
-        return grad_x, grad_w, None, None
+                spare = 1 if ctx.empty_slots else 0  # the row that empty slots scatter into
+                grad = scatter_rows(flat, rows, groups * num_codes + spare)
+                grad_w = grad[: groups * num_codes].view(groups, num_codes, dim)
+        return grad_x, grad_w, None, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -342,9 +361,10 @@ class Codebook(nn.Module):
         a = self._split(x)
         c = self.config
         ids = topk_codes(a.detach(), self.weight.detach(), c.k, c.similarity, c.chunk_mib)
-        if self.ids_hook is not None:
+        hooked = self.ids_hook is not None
+        if hooked:  # (N, G, k) ids and (N, G, d) activations -> (N, G, slots), EMPTY_SLOT allowed
             ids = self.ids_hook(ids, a)
-        out, rec = CodebookLookup.apply(a, self.weight, ids, c.lm_grad_to_codes)
+        out, rec = CodebookLookup.apply(a, self.weight, ids, c.lm_grad_to_codes, hooked)
         target = a.detach()
         mse = F.mse_loss(rec.float(), target.float())
         loss = c.reconstruction_weight * mse
@@ -358,7 +378,7 @@ class Codebook(nn.Module):
             )
         return CodebookOutput(
             output=out.view(x.shape),
-            codes=ids.view(*x.shape[:-1], self.groups, c.k),
+            codes=ids.view(*x.shape[:-1], self.groups, ids.shape[-1]),
             loss=loss,
             mse=mse.detach(),
             variance=variance,
@@ -378,6 +398,8 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def _record(self, ids: torch.Tensor, a: torch.Tensor) -> None:
         flat = _flat_ids(ids, self.num_codes).view(-1)
+        if self.ids_hook is not None:  # a hook may leave slots empty: count filled slots only
+            flat = flat[(ids >= 0).view(-1)]
         counts = torch.bincount(flat, minlength=self.groups * self.num_codes)
         counts = counts.view(self.groups, self.num_codes)
         self.usage += counts

@@ -1,0 +1,356 @@
+"""Code caches: exact round trip, index and counts against a scan, atomic and resumable
+builds; search: regex precision/recall by hand, multi-byte offsets, RE2 safety, the
+neuron baseline, topic search, similar codes and logit effects against brute force."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import corpus_text, save_tiny_lm
+
+from codebook_lens.cache import (
+    CacheError,
+    CodeCache,
+    build_cache,
+    build_index,
+    code_dtype,
+    tokenize_stream,
+)
+from codebook_lens.codebook import CodebookConfig
+from codebook_lens.loading import load_codebook_model
+from codebook_lens.model import CodebookModel, CodebookModelConfig, SiteSpec
+from codebook_lens.refs import CodeRef
+from codebook_lens.search import (
+    SearchError,
+    frequency_by_rank,
+    logit_effect,
+    matching_tokens,
+    neuron_baseline,
+    regex_codes,
+    score_codes,
+    similar_codes,
+    text_codes,
+    topic_codes,
+)
+
+DOCS = [
+    "In January 1999 the café opened. Über naïve résumé — 東京 and 1984!",
+    corpus_text(12, seed=3),
+    "May 2001: a small boat, the big tree.\nJune 1950 → the blue house.",
+    corpus_text(9, seed=4),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cbmodel")
+    save_tiny_lm(root / "lm", "llama")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(root / "lm")
+    torch.manual_seed(0)
+    cfg = CodebookModelConfig(
+        [
+            SiteSpec("mlp", CodebookConfig(num_codes=16, k=2), layers=[0, 1]),
+            SiteSpec("attn_heads", CodebookConfig(num_codes=8, k=1), layers=[1]),
+        ]
+    )
+    model = CodebookModel(base, cfg)
+    out = root / "model"
+    model.save_pretrained(out, include_base=True)
+    AutoTokenizer.from_pretrained(root / "lm").save_pretrained(out / "base")
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(model_dir, tmp_path_factory):
+    loaded = load_codebook_model(model_dir)
+    out = tmp_path_factory.mktemp("caches") / "cache"
+    result = build_cache(loaded, DOCS, out, corpus_name="test", seq_len=16, batch_size=3)
+    return loaded, CodeCache.open(out), result
+
+
+def _reference_codes(loaded, seq_len=16):
+    stream = tokenize_stream(DOCS, loaded.codec)
+    ids = torch.from_numpy(stream.token_ids.astype(np.int64))
+    out: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        for s in range(0, ids.numel(), seq_len):
+            r = loaded.model(ids[s : s + seq_len].view(1, -1), return_codes=True)
+            for key, codes in r.codes.items():
+                out.setdefault(key, []).append(codes[0].numpy())
+    return stream, {k: np.concatenate(v) for k, v in out.items()}
+
+
+def test_code_dtype_is_the_smallest_that_fits():
+    assert code_dtype(256) == np.uint8
+    assert code_dtype(257) == np.uint16
+    assert code_dtype(65536) == np.uint16
+    assert code_dtype(65537) == np.uint32
+
+
+def test_cache_round_trips_what_the_model_computed(built):
+    loaded, cache, result = built
+    stream, ref = _reference_codes(loaded)
+    assert cache.num_tokens == len(stream) == result.tokens
+    assert cache.num_docs == len(DOCS)
+    for key, codes in ref.items():
+        got = cache.codes(key)
+        assert got.dtype == np.uint8  # 16 and 8 codes
+        assert isinstance(got, np.memmap)
+        np.testing.assert_array_equal(np.asarray(got, dtype=np.int64), codes)
+    np.testing.assert_array_equal(cache.token_ids, stream.token_ids)
+    # the token table opens as a plain table; texts are the document slices
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(cache.path / "tokens.parquet").to_pydict()
+    assert set(table) == {"doc_id", "token_id", "text", "start", "end"}
+    for d, s, e, t in zip(
+        table["doc_id"], table["start"], table["end"], table["text"], strict=True
+    ):
+        assert DOCS[d][s:e] == t
+    eos = loaded.codec.eos_id
+    assert [i for i, t in enumerate(table["token_id"]) if t == eos] == [
+        i for i, (s, e) in enumerate(zip(table["start"], table["end"], strict=True)) if s == e
+    ]
+    manifest = json.loads((cache.path / "manifest.json").read_text())
+    assert manifest["num_tokens"] == cache.num_tokens and manifest["format_version"] == 1
+    assert manifest["codebooks"]["layer1_attn_heads"]["groups"] == 4
+
+
+def test_storage_is_k_small_ints_per_token(built):
+    _, cache, result = built
+    for key, info in cache.codebooks.items():
+        path = cache.path / "codes" / f"{key}.npy"
+        payload = cache.num_tokens * info.groups * info.k * np.dtype(info.dtype).itemsize
+        assert path.stat().st_size - payload < 256  # the .npy header only
+        assert result.bytes_per_token[key] == info.groups * info.k  # one byte per id here
+
+
+def test_index_and_counts_agree_with_a_scan(built):
+    _, cache, _ = built
+    for key, info in cache.codebooks.items():
+        codes = np.asarray(cache.codes(key))
+        counts = cache.counts(key)
+        for g in range(info.groups):
+            for c in range(info.num_codes):
+                scan = np.flatnonzero((codes[:, g, :] == c).any(axis=1))
+                got = cache.occurrences(CodeRef(key, c, g))
+                np.testing.assert_array_equal(got, scan)
+                assert counts[g, c] == scan.size
+        assert cache.dead_fraction(key) == pytest.approx((counts == 0).mean())
+        ranked = frequency_by_rank(cache, key)
+        assert list(ranked) == sorted(counts.reshape(-1).tolist(), reverse=True)
+
+
+def test_contexts_mark_the_firing_token(built):
+    _, cache, _ = built
+    ref = CodeRef("layer0_mlp", int(cache.counts("layer0_mlp")[0].argmax()))
+    total, page = cache.top_contexts(ref, limit=5, window=3)
+    assert total == cache.counts("layer0_mlp")[0, ref.code]
+    ranks = [c.rank for c in cache.top_contexts(ref, limit=total, window=1)[1]]
+    assert ranks == sorted(ranks)  # best-match slot first
+    codes = np.asarray(cache.codes("layer0_mlp"))
+    for ctx in page:
+        assert ref.code in codes[ctx.position, 0]
+        assert codes[ctx.position, 0, ctx.rank] == ref.code
+        doc = DOCS[ctx.doc_id]
+        s, e = int(cache.starts[ctx.position]), int(cache.ends[ctx.position])
+        assert ctx.token == doc[s:e]
+        assert doc.find(ctx.left + ctx.token + ctx.right) >= 0
+    _, second = cache.top_contexts(ref, limit=2, offset=2, window=3)
+    assert [c.position for c in second] == [c.position for c in page[2:4]]
+    with pytest.raises(ValueError, match="group"):
+        cache.occurrences(CodeRef("layer1_attn_heads", 0, 9))
+    with pytest.raises(ValueError, match="no codebook"):
+        cache.occurrences(CodeRef("layer5_mlp", 0))
+
+
+def test_interrupted_build_leaves_no_cache_and_resumes(model_dir, built, tmp_path):
+    loaded, full, _ = built
+    out = tmp_path / "cache"
+    part = build_cache(loaded, DOCS, out, seq_len=16, batch_size=1, stop_after_batches=2)
+    assert not out.exists() and part.path.name == "cache.partial"
+    with pytest.raises(CacheError, match="unfinished build"):
+        CodeCache.open(out)
+    again = build_cache(loaded, DOCS, out, seq_len=16, batch_size=1)
+    assert again.resumed_from == 32
+    resumed = CodeCache.open(out)
+    for key in full.codebooks:
+        np.testing.assert_array_equal(resumed.codes(key), full.codes(key))
+        np.testing.assert_array_equal(resumed.counts(key), full.counts(key))
+    with pytest.raises(CacheError, match="exists"):
+        build_cache(loaded, DOCS, out, seq_len=16)
+
+
+def test_regex_tokens_handle_multibyte_text(built):
+    _, cache, _ = built
+    for pattern in [r"é", r"東京", r"[A-Z][a-z]+uary", r"\b(1[5-9]|20)\d\d\b", r"→ the"]:
+        mask = matching_tokens(cache, pattern)
+        expected = np.zeros(cache.num_tokens, dtype=bool)
+        for d, doc in enumerate(DOCS):
+            for m in re.finditer(pattern, doc):
+                last = m.end() - 1
+                hit = np.flatnonzero(
+                    (cache.doc_ids == d) & (cache.starts <= last) & (cache.ends > last)
+                )
+                # a character split over byte tokens belongs to the token that completes it
+                expected[hit[-1]] = True
+        assert mask.sum() > 0
+        np.testing.assert_array_equal(mask, expected)
+        for pos in np.flatnonzero(mask):
+            assert cache.ends[pos] > cache.starts[pos]
+
+
+def test_precision_and_recall_by_hand(built, tmp_path):
+    """Hand-set codes on the real token table: every number below is counted by hand."""
+    import shutil
+
+    _, cache, _ = built
+    path = tmp_path / "hand"
+    shutil.copytree(cache.path, path)
+    n = cache.num_tokens
+    hand = np.zeros((n, 1, 2), dtype=np.uint8)
+    hand[:, 0, 0] = 1  # code 1 fires everywhere
+    hand[:, 0, 1] = 2  # code 2 fires everywhere except where code 3 does
+    positives = np.flatnonzero(matching_tokens(cache, r"\d{4}"))
+    assert positives.size >= 4
+    # code 3: on the first 3 matching tokens and 2 other tokens
+    others = [i for i in range(n) if i not in set(positives.tolist())][:2]
+    hand[positives[:3], 0, 1] = 3
+    hand[others, 0, 1] = 3
+    np.save(path / "codes" / "layer0_mlp.npy", hand)
+    counts, offsets, rows = build_index(hand, 16)
+    np.save(path / "counts" / "layer0_mlp.npy", counts)
+    np.save(path / "index" / "layer0_mlp.offsets.npy", offsets)
+    np.save(path / "index" / "layer0_mlp.rows.npy", rows)
+    hacked = CodeCache.open(path)
+    result = regex_codes(hacked, r"\d{4}", codebooks=["layer0_mlp"], limit=None)
+    p = positives.size
+    by_code = {s.ref.code: s for s in result.codes}
+    assert result.matches == p
+    assert by_code[3].precision == pytest.approx(3 / 5) and by_code[3].recall == pytest.approx(
+        3 / p
+    )
+    assert by_code[1].precision == pytest.approx(p / n) and by_code[1].recall == 1.0
+    assert by_code[2].precision == pytest.approx((p - 3) / (n - 5))
+    assert by_code[2].recall == pytest.approx((p - 3) / p)
+    # 3/5 > p/n > (p-3)/(n-5) whenever p < 0.6 n
+    assert p < 0.6 * n and [s.ref.code for s in result.codes] == [3, 1, 2]
+    strict = regex_codes(hacked, r"\d{4}", codebooks=["layer0_mlp"], min_recall=0.99)
+    assert [s.ref.code for s in strict.codes] == [1]
+    with pytest.raises(SearchError, match="min_precision"):
+        score_codes(hacked, np.zeros(n, bool), min_precision=2)
+
+
+def test_bad_and_catastrophic_patterns(built, tmp_path):
+    _, cache, _ = built
+    with pytest.raises(SearchError, match="invalid pattern"):
+        regex_codes(cache, "(unclosed")
+    with pytest.raises(SearchError, match="backreferences"):
+        regex_codes(cache, r"(a)\1")
+    with pytest.raises(SearchError, match="empty"):
+        regex_codes(cache, "")
+    # a pattern that takes exponential time with backtracking engines, on a long document
+    from codebook_lens.cache import build_cache as build
+
+    loaded = cache.model()
+    evil_doc = "a" * 30000 + "!"
+    out = tmp_path / "evil"
+    build(loaded, [evil_doc], out, seq_len=64, batch_size=16, max_tokens=2000)
+    evil = CodeCache.open(out)
+    t0 = time.perf_counter()
+    result = regex_codes(evil, r"(a+)+$")
+    assert time.perf_counter() - t0 < 2.0
+    assert result.matches == 0
+
+
+def test_neuron_baseline_matches_brute_force(built):
+    loaded, cache, _ = built
+    positives = matching_tokens(cache, r"[0-9]")
+    recall = 0.5
+    scores = neuron_baseline(cache, positives, recall, batch_size=2, sample_positives=10_000)
+    # brute force: every activation in memory
+    from codebook_lens.search import _Grabber
+
+    ids = torch.from_numpy(cache.token_ids.astype(np.int64))
+    acts: dict[str, list[torch.Tensor]] = {}
+    grab = _Grabber(loaded.model.model)
+    with torch.no_grad(), loaded.model.codebooks_disabled():
+        for s in range(0, ids.numel(), 16):
+            grab.current.clear()
+            loaded.model.model(input_ids=ids[s : s + 16].view(1, -1))
+            for name, a in grab.current.items():
+                acts.setdefault(name, []).append(a.clone())
+    grab.remove()
+    pos = torch.from_numpy(positives)
+    need = int(np.ceil(recall * positives.sum()))
+    best = {}
+    for name, parts in acts.items():
+        a = torch.cat(parts)
+        top = 0.0
+        for sign in (1, -1):
+            x = a * sign
+            thr = x[pos].sort(0, descending=True).values[need - 1]
+            over = x >= thr
+            prec = (over & pos[:, None]).sum(0).double() / over.sum(0).double()
+            top = max(top, float(prec.max()))
+        best[name] = top
+    assert {s.site for s in scores} == set(best)
+    for s in scores:
+        assert s.precision == pytest.approx(best[s.site], abs=1e-9)
+        assert s.recall >= recall - 1e-9
+    assert scores[0].precision == max(best.values())
+
+
+def test_topic_codes_count_coverage(built):
+    _, cache, _ = built
+    text = "In March 1950, the old man paints a red apple."
+    ids, codes = text_codes(cache, text)
+    hits = topic_codes(cache, text, min_fraction=0.2, max_frequency=1.0, limit=None)
+    assert hits
+    for h in hits:
+        arr = codes[h.ref.codebook][:, h.ref.group, :]
+        n_hit = int((arr == h.ref.code).any(axis=1).sum())
+        assert h.hits == n_hit and h.coverage == pytest.approx(n_hit / len(ids))
+        assert h.coverage >= 0.2
+        assert h.frequency == pytest.approx(
+            cache.counts(h.ref.codebook)[h.ref.group, h.ref.code] / cache.num_tokens
+        )
+    covers = [h.coverage for h in hits]
+    assert covers == sorted(covers, reverse=True)
+    rare = topic_codes(cache, text, min_fraction=0.2, max_frequency=0.3, limit=None)
+    assert all(h.frequency <= 0.3 for h in rare) and len(rare) <= len(hits)
+
+
+def test_similar_codes_and_logit_effect(built):
+    loaded, cache, _ = built
+    ref = CodeRef("layer0_mlp", 3)
+    w = loaded.model.codebooks["layer0_mlp"].weight.detach()[0]
+    sims = torch.nn.functional.cosine_similarity(w, w[3 : 3 + 1], dim=-1)
+    sims[3] = -2
+    got = similar_codes(cache, ref, top=4)
+    assert [r.code for r, _ in got] == sims.topk(4).indices.tolist()
+    assert [v for _, v in got] == pytest.approx(sims.topk(4).values.tolist(), abs=1e-5)
+    base = loaded.model.model
+    with torch.no_grad():
+        logits = base.model.norm(w[3]) @ base.lm_head.weight.T
+        logits = logits - logits.mean()
+    eff = logit_effect(cache, ref, top=5)
+    assert [t["token_id"] for t in eff["promoted"]] == logits.topk(5).indices.tolist()
+    assert [t["token_id"] for t in eff["suppressed"]] == (-logits).topk(5).indices.tolist()
+    assert eff["promoted"][0]["token"] == loaded.codec.decode([eff["promoted"][0]["token_id"]])
+    # per-head codes go through their head's slice of the output projection
+    head = CodeRef("layer1_attn_heads", 2, group=3)
+    hw = loaded.model.codebooks["layer1_attn_heads"].weight.detach()[3, 2]
+    o = base.model.layers[1].self_attn.o_proj.weight.detach()
+    d = hw.numel()
+    with torch.no_grad():
+        hl = base.model.norm(o[:, 3 * d : 4 * d] @ hw) @ base.lm_head.weight.T
+    got = [t["token_id"] for t in logit_effect(cache, head, top=3)["promoted"]]
+    assert got == hl.topk(3).indices.tolist()
