@@ -354,3 +354,59 @@ def test_similar_codes_and_logit_effect(built):
         hl = base.model.norm(o[:, 3 * d : 4 * d] @ hw) @ base.lm_head.weight.T
     got = [t["token_id"] for t in logit_effect(cache, head, top=3)["promoted"]]
     assert got == hl.topk(3).indices.tolist()
+
+
+def test_cli_builds_and_queries_a_cache(model_dir, tmp_path, capsys):
+    from codebook_lens.cli import main
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": d}) for d in DOCS) + "\n")
+    out = tmp_path / "cache"
+    assert (
+        main(
+            [
+                "cache",
+                str(model_dir),
+                "--corpus",
+                str(docs),
+                "--split",
+                "train",
+                "--out",
+                str(out),
+                "--seq-len",
+                "16",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    built = json.loads(capsys.readouterr().out)
+    cache = CodeCache.open(out)
+    assert built["tokens"] == cache.num_tokens > 0
+    assert main(["regex", str(out), r"\d", "--json", "--limit", "5"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    direct = regex_codes(cache, r"\d", limit=5).to_dict()
+    assert [c["code"] for c in res["codes"]] == [c["code"] for c in direct["codes"]]
+    assert res["matching_tokens"] == direct["matching_tokens"] > 0
+    code = res["codes"][0]["code"]
+    assert main(["contexts", str(out), code, "--json", "--limit", "3"]) == 0
+    ctx = json.loads(capsys.readouterr().out)
+    assert ctx["total"] == cache.occurrences(CodeRef.parse(code)).size
+    assert main(["freq", str(out), "--json", "--plot", str(tmp_path / "f.svg")]) == 0
+    freq = json.loads(capsys.readouterr().out)
+    assert set(freq["codebooks"]) == set(cache.codebooks)
+    assert (tmp_path / "f.svg").read_text().startswith("<svg")
+    for cmd in (
+        ["similar", str(out), code],
+        ["effect", str(out), code],
+        ["topic", str(out), "In May 1999", "--min-fraction", "0.1", "--max-frequency", "1"],
+    ):
+        assert main([*cmd, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)
+    # user mistakes: one clear line, exit 2
+    assert main(["regex", str(out), "a(b"]) == 2
+    assert "invalid pattern" in capsys.readouterr().err
+    assert main(["contexts", str(out), "layer9_mlp:1"]) == 2
+    assert "no codebook" in capsys.readouterr().err
+    assert main(["contexts", str(tmp_path), "layer0_mlp:1"]) == 2
+    assert "not a code cache" in capsys.readouterr().err

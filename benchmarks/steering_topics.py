@@ -1,0 +1,127 @@
+"""Topic steering rates (paper Table 3 protocol) on a code cache's model.
+
+For each topic: its codes come from topic search on a short text about the topic
+(codes covering at least ``--min-fraction`` of the text's tokens, firing on at most
+``--max-frequency`` of the cached corpus, the ``--codes`` most covering); then
+``--samples`` continuations of each of the prompts are sampled with and without those
+codes forced on (same seeds), and the fraction of continuations that use one of the
+topic's words is reported. Samples are saved next to the summary for inspection.
+
+    python benchmarks/steering_topics.py runs/cache-smollm2-1m --out runs/steering
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from codebook_lens.cache import CodeCache
+from codebook_lens.intervene import steering_eval
+from codebook_lens.search import topic_codes
+
+TOPICS = {
+    "religion": (
+        "And the LORD God said unto Moses, Go, pray unto the Lord in the holy temple, "
+        "for God is in heaven and his spirit is with the prophets and the priests.",
+        ["god", "lord", "jesus", "christ", "heaven", "holy", "pray", "prayer", "church",
+         "spirit", "temple", "faith", "bible", "priest", "prophet", "angel", "sin"],
+    ),
+    "war": (
+        "The army marched into battle; soldiers and troops fought the enemy forces, and "
+        "the war ended when the general's military victory was complete.",
+        ["war", "wars", "army", "armies", "battle", "battles", "soldier", "soldiers", "troops",
+         "military", "fight", "fought", "enemy", "weapons", "attack", "forces", "general"],
+    ),
+    "music": (
+        "The band released a new album; the singer wrote every song, and the music was "
+        "played on the radio with guitar, piano and drums.",
+        ["music", "musical", "song", "songs", "album", "band", "singer", "sing", "sang",
+         "guitar", "piano", "drums", "concert", "melody", "musician", "record"],
+    ),
+    "sea": (
+        "The ship sailed across the sea; the sailors watched the ocean waves crash on the "
+        "shore as the boat left the harbour for the island.",
+        ["sea", "seas", "ocean", "ship", "ships", "sail", "sailed", "sailor", "sailors",
+         "boat", "boats", "waves", "shore", "harbour", "harbor", "island", "coast"],
+    ),
+    "love": (
+        "She loved him with all her heart; his sweet words of love made her heart sing, "
+        "and the lovers kissed.",
+        ["love", "loved", "loves", "lover", "lovers", "loving", "heart", "hearts", "kiss",
+         "kissed", "sweet", "darling", "beloved", "romance", "passion"],
+    ),
+}
+PROMPTS = [
+    "I think that",
+    "The next day,",
+    "It was a long time ago when",
+    "Here is what happened:",
+    "My favourite thing is",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cache_dir")
+    parser.add_argument("--out", default="runs/steering")
+    parser.add_argument("--topics", default=",".join(TOPICS))
+    parser.add_argument("--codes", type=int, default=3)
+    parser.add_argument("--min-fraction", type=float, default=0.3)
+    parser.add_argument("--max-frequency", type=float, default=0.02)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--mode", default="append")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    cache = CodeCache.open(args.cache_dir)
+    loaded = cache.model()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.topics.split(","):
+        text, words = TOPICS[name]
+        hits = topic_codes(
+            cache,
+            text,
+            min_fraction=args.min_fraction,
+            max_frequency=args.max_frequency,
+            limit=args.codes,
+        )
+        if not hits:
+            rows.append({"topic": name, "codes": [], "note": "no code passed the filters"})
+            continue
+        codes = [h.ref for h in hits]
+        result = steering_eval(
+            loaded,
+            None,
+            codes,
+            PROMPTS,
+            samples_per_prompt=args.samples,
+            words=words,
+            mode=args.mode,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
+        result.save(out / f"{name}.json")
+        rows.append(
+            {
+                "topic": name,
+                "codes": [h.to_dict() for h in hits],
+                "baseline": result.baseline_fraction,
+                "steered": result.steered_fraction,
+                "samples": args.samples * len(PROMPTS),
+            }
+        )
+        print(
+            f"{name:<10} baseline {result.baseline_fraction:6.1%}  steered "
+            f"{result.steered_fraction:6.1%}  codes {', '.join(str(c) for c in codes)}",
+            flush=True,
+        )
+    summary = {"settings": vars(args), "prompts": PROMPTS, "topics": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
