@@ -99,7 +99,9 @@ def main() -> None:
         "ratio_forward_loop": p / f,
         "rounds": args.rounds,
     }
-    print(f"{args.model_dir}: {n:,} tokens, {torch.get_num_threads()} threads, median of {args.rounds}")
+    print(
+        f"{args.model_dir}: {n:,} tokens, {torch.get_num_threads()} threads, median of {args.rounds}"
+    )
     print(f"  plain forward         {n / p:10.1f} tok/s")
     print(f"  cache build (all)     {n / b:10.1f} tok/s   ratio {p / b:.3f}")
     print(f"  build's forward loop  {n / f:10.1f} tok/s   ratio {p / f:.3f}")

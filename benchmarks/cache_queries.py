@@ -78,7 +78,7 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     refs = []
-    for key, info in cache.codebooks.items():
+    for key in cache.codebooks:
         counts = cache.counts(key)
         live = np.argwhere(counts > 0)
         for g, c in live[rng.choice(len(live), size=min(len(live), args.codes), replace=False)]:
@@ -91,7 +91,8 @@ def main() -> None:
     heavy = []
     for key in cache.codebooks:
         g, c = np.unravel_index(int(cache.counts(key).argmax()), cache.counts(key).shape)
-        heavy.append(timed(lambda: cache.top_contexts(CodeRef(key, int(c), int(g)), limit=20)))
+        ref = CodeRef(key, int(c), int(g))
+        heavy.append(timed(lambda ref=ref: cache.top_contexts(ref, limit=20)))
     out["top_contexts"] = {
         "cold_s": cold,
         "codes": len(refs),
