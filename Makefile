@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
+CHROMIUM := /usr/bin/chromium
+# Playwright drives the system's Chromium; it must never download a browser of its own.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: demo test bench lint clean
 
@@ -15,7 +18,14 @@ $(BIN)/.installed: pyproject.toml Makefile
 demo: $(BIN)/.installed
 	$(BIN)/codebook demo
 
-test: $(BIN)/.installed
+# Debian's Chromium for the browser tests (once; as root, as on CI).
+$(CHROMIUM):
+	@echo "installing Debian's chromium for the browser tests"
+	@log=$$(mktemp); export DEBIAN_FRONTEND=noninteractive; \
+	  if (apt-get update -qq && apt-get install -y -qq chromium) > $$log 2>&1; then rm -f $$log; \
+	  else tail -n 20 $$log; rm -f $$log; exit 1; fi
+
+test: $(BIN)/.installed $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed

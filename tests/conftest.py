@@ -93,3 +93,48 @@ def tiny_bert_config(**kw):
         vocab_size=50,
         **kw,
     )
+
+
+def save_tiny_codebook_model(root):
+    """A tiny llama with MLP codebooks (16 codes, k=2) on layers 0 and 1 and per-head
+    codebooks (8 codes, k=1) on layer 1, saved with its base and tokenizer in ROOT/model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codebook_lens.codebook import CodebookConfig
+    from codebook_lens.model import CodebookModel, CodebookModelConfig, SiteSpec
+
+    save_tiny_lm(root / "lm", "llama")
+    base = AutoModelForCausalLM.from_pretrained(root / "lm")
+    torch.manual_seed(0)
+    cfg = CodebookModelConfig(
+        [
+            SiteSpec("mlp", CodebookConfig(num_codes=16, k=2), layers=[0, 1]),
+            SiteSpec("attn_heads", CodebookConfig(num_codes=8, k=1), layers=[1]),
+        ]
+    )
+    model = CodebookModel(base, cfg)
+    out = root / "model"
+    model.save_pretrained(out, include_base=True)
+    AutoTokenizer.from_pretrained(root / "lm").save_pretrained(out / "base")
+    return out
+
+
+WEB_DOCS = [
+    "In January 1999 the café opened. Über naïve résumé — 東京 and 1984!",
+    corpus_text(40, seed=5),
+    "May 2001: a small boat, the big tree.\nJune 1950 → the blue house.",
+    corpus_text(30, seed=6),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_code_cache(tmp_path_factory):
+    """(model_dir, cache_dir): the tiny codebook model and a code cache of WEB_DOCS."""
+    from codebook_lens.cache import build_cache
+    from codebook_lens.loading import load_codebook_model
+
+    root = tmp_path_factory.mktemp("webcache")
+    model_dir = save_tiny_codebook_model(root)
+    out = root / "cache"
+    build_cache(load_codebook_model(model_dir), WEB_DOCS, out, corpus_name="web-test", seq_len=32)
+    return model_dir, out

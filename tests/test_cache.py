@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import corpus_text, save_tiny_lm
+from conftest import corpus_text, save_tiny_codebook_model
 
 from codebook_lens.cache import (
     CacheError,
@@ -21,9 +21,7 @@ from codebook_lens.cache import (
     code_dtype,
     tokenize_stream,
 )
-from codebook_lens.codebook import CodebookConfig
 from codebook_lens.loading import load_codebook_model
-from codebook_lens.model import CodebookModel, CodebookModelConfig, SiteSpec
 from codebook_lens.refs import CodeRef
 from codebook_lens.search import (
     SearchError,
@@ -48,23 +46,7 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cbmodel")
-    save_tiny_lm(root / "lm", "llama")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = AutoModelForCausalLM.from_pretrained(root / "lm")
-    torch.manual_seed(0)
-    cfg = CodebookModelConfig(
-        [
-            SiteSpec("mlp", CodebookConfig(num_codes=16, k=2), layers=[0, 1]),
-            SiteSpec("attn_heads", CodebookConfig(num_codes=8, k=1), layers=[1]),
-        ]
-    )
-    model = CodebookModel(base, cfg)
-    out = root / "model"
-    model.save_pretrained(out, include_base=True)
-    AutoTokenizer.from_pretrained(root / "lm").save_pretrained(out / "base")
-    return out
+    return save_tiny_codebook_model(tmp_path_factory.mktemp("cbmodel"))
 
 
 @pytest.fixture(scope="module")

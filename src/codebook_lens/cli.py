@@ -322,8 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_intervention_options(p, samples=10)
     p.set_defaults(func=_steer_eval)
     from .cli_cache import add_parsers
+    from .cli_web import add_parser as add_serve_parser
 
     add_parsers(sub)
+    add_serve_parser(sub)
     return parser
 
 

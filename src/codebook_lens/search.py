@@ -11,6 +11,7 @@ RE2, whose matching time is linear in the text, so no pattern can hang the proce
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -55,8 +56,26 @@ def compile_pattern(pattern: str):
         ) from None
 
 
-def matching_tokens(cache: CodeCache, pattern: str, max_tokens: int | None = None) -> np.ndarray:
-    """Boolean ``(tokens,)``: which cached tokens hold the last character of a match."""
+def _check_deadline(deadline: float | None, pattern: str) -> None:
+    if deadline is not None and time.perf_counter() > deadline:
+        raise SearchError(
+            f"the search for {pattern!r} ran past its time budget; "
+            "try a more specific pattern or search fewer tokens"
+        )
+
+
+def matching_tokens(
+    cache: CodeCache,
+    pattern: str,
+    max_tokens: int | None = None,
+    *,
+    deadline: float | None = None,
+) -> np.ndarray:
+    """Boolean ``(tokens,)``: which cached tokens hold the last character of a match.
+
+    ``deadline`` (a ``time.perf_counter()`` value) stops the scan with a SearchError once
+    passed; it is checked per document and every few thousand matches.
+    """
     regex = compile_pattern(pattern)
     n = cache.num_tokens if max_tokens is None else min(max_tokens, cache.num_tokens)
     first = cache.doc_first_token()
@@ -67,8 +86,13 @@ def matching_tokens(cache: CodeCache, pattern: str, max_tokens: int | None = Non
         lo, hi = int(first[doc]), min(int(first[doc + 1]), n)
         if hi <= lo:
             continue
+        _check_deadline(deadline, pattern)
         text = cache.docs[doc]
-        ends_at = [m.end() - 1 for m in regex.finditer(text) if m.end() > m.start()]
+        ends_at: list[int] = []
+        found = regex.finditer(text)
+        while chunk := list(itertools.islice(found, 4096)):
+            ends_at.extend(m.end() - 1 for m in chunk if m.end() > m.start())
+            _check_deadline(deadline, pattern)
         if not ends_at:
             continue
         chars = np.asarray(ends_at, dtype=np.int64)
@@ -135,8 +159,14 @@ def score_codes(
     limit: int | None = 50,
     sort: str = "precision",
     max_tokens: int | None = None,
+    *,
+    deadline: float | None = None,
+    pattern: str = "",
 ) -> list[CodeScore]:
-    """Precision and recall of every code that fires on a positive token, filtered, sorted."""
+    """Precision and recall of every code that fires on a positive token, filtered, sorted.
+
+    ``deadline``: as for :func:`matching_tokens`, checked per codebook.
+    """
     for name, value in (("min_precision", min_precision), ("min_recall", min_recall)):
         if not 0.0 <= value <= 1.0:
             raise SearchError(f"{name} must be in [0, 1], got {value}")
@@ -150,6 +180,7 @@ def score_codes(
     if n_pos == 0:
         return out
     for key in keys:
+        _check_deadline(deadline, pattern)
         info = cache.info(key)
         codes = cache.codes(key)
         picked = np.asarray(codes[rows])  # (P, G, k)
@@ -202,13 +233,28 @@ def regex_codes(
     limit: int | None = 50,
     sort: str = "precision",
     max_tokens: int | None = None,
+    time_budget: float | None = None,
 ) -> RegexResult:
-    """Codes ranked by how well they classify the tokens matching ``pattern``."""
+    """Codes ranked by how well they classify the tokens matching ``pattern``.
+
+    ``time_budget`` (seconds) bounds the whole search: past it, a SearchError.
+    """
     t0 = time.perf_counter()
-    positives = matching_tokens(cache, pattern, max_tokens)
+    deadline = None if time_budget is None else t0 + time_budget
+    positives = matching_tokens(cache, pattern, max_tokens, deadline=deadline)
     n = cache.num_tokens if max_tokens is None else min(max_tokens, cache.num_tokens)
     scores = score_codes(
-        cache, positives, codebooks, min_precision, min_recall, min_count, limit, sort, max_tokens
+        cache,
+        positives,
+        codebooks,
+        min_precision,
+        min_recall,
+        min_count,
+        limit,
+        sort,
+        max_tokens,
+        deadline=deadline,
+        pattern=pattern,
     )
     return RegexResult(pattern, int(positives[:n].sum()), n, scores, time.perf_counter() - t0)
 

@@ -1,0 +1,8 @@
+"""The code browser: a web app and JSON API over a code cache (``codebook serve``).
+
+Needs the web extras (fastapi, uvicorn, jinja2); ``create_app`` builds the app.
+"""
+
+from .app import create_app
+
+__all__ = ["create_app"]
