@@ -605,6 +605,25 @@ class CodeCache:
             )
         return self._docs
 
+    def utf8(self) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+        """The documents as UTF-8 and every token's (start, end) byte offsets in its
+        document (computed once, on first use), for byte-level regex matching."""
+        if "utf8" not in self._arrays:
+            docs = [d.encode("utf-8", "surrogatepass") for d in self.docs]
+            first = self.doc_first_token()
+            byte_starts = np.empty(self.num_tokens, dtype=np.int64)
+            byte_ends = np.empty(self.num_tokens, dtype=np.int64)
+            starts, ends = self.starts, self.ends
+            for doc, text in enumerate(self.docs):
+                lo, hi = int(first[doc]), int(first[doc + 1])
+                cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+                width = 1 + (cps >= 0x80) + (cps >= 0x800) + (cps >= 0x10000)
+                at = np.concatenate([[0], np.cumsum(width)])  # byte offset of each character
+                byte_starts[lo:hi] = at[starts[lo:hi]]
+                byte_ends[lo:hi] = at[ends[lo:hi]]
+            self._arrays["utf8"] = (docs, byte_starts, byte_ends)
+        return self._arrays["utf8"]
+
     def doc_first_token(self) -> np.ndarray:
         """(docs + 1,) the first token position of each document (and the total)."""
         if self._doc_first is None:

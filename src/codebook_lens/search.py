@@ -48,7 +48,7 @@ def compile_pattern(pattern: str):
     options.log_errors = False
     options.max_mem = REGEX_MAX_MEM
     try:
-        return re2.compile(pattern, options)
+        return re2.compile(pattern.encode("utf-8", "surrogatepass"), options)
     except re2.error as err:
         msg = err.args[0].decode() if err.args and isinstance(err.args[0], bytes) else str(err)
         raise SearchError(
@@ -79,7 +79,8 @@ def matching_tokens(
     regex = compile_pattern(pattern)
     n = cache.num_tokens if max_tokens is None else min(max_tokens, cache.num_tokens)
     first = cache.doc_first_token()
-    starts, ends = cache.starts, cache.ends
+    # matching runs on UTF-8 bytes (RE2's native form): offsets need no conversion
+    docs, starts, ends = cache.utf8()
     mask = np.zeros(cache.num_tokens, dtype=bool)
     last_doc = int(cache.doc_ids[n - 1]) if n else -1
     for doc in range(last_doc + 1):
@@ -87,21 +88,21 @@ def matching_tokens(
         if hi <= lo:
             continue
         _check_deadline(deadline, pattern)
-        text = cache.docs[doc]
         ends_at: list[int] = []
-        found = regex.finditer(text)
+        found = regex.finditer(docs[doc])
         while chunk := list(itertools.islice(found, 4096)):
             ends_at.extend(m.end() - 1 for m in chunk if m.end() > m.start())
             _check_deadline(deadline, pattern)
         if not ends_at:
             continue
-        chars = np.asarray(ends_at, dtype=np.int64)
+        last = np.asarray(ends_at, dtype=np.int64)  # the last byte of each match
         doc_starts = starts[lo:hi]
-        # the token whose span [start, end) holds the character; tokens are in text order
-        idx = np.searchsorted(doc_starts, chars, side="right") - 1
+        # the token whose span [start, end) holds that byte; tokens are in text order, and
+        # a character split over byte tokens belongs to the last of them
+        idx = np.searchsorted(doc_starts, last, side="right") - 1
         ok = idx >= 0
-        idx, chars = idx[ok], chars[ok]
-        inside = chars < ends[lo:hi][idx]
+        idx, last = idx[ok], last[ok]
+        inside = last < ends[lo:hi][idx]
         mask[lo + idx[inside]] = True
     return mask
 

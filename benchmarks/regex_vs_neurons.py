@@ -1,0 +1,77 @@
+"""Codes against neurons as regex classifiers (paper Figure 3) on a code cache.
+
+For each pattern, over the first ``--tokens`` cached tokens: the code with the highest
+precision (among codes firing at least ``--min-count`` times), then the best single
+neuron of the model (attention output, MLP output or MLP hidden unit of any layer,
+either sign, codebooks off) at a threshold that matches that code's recall.
+
+    python benchmarks/regex_vs_neurons.py runs/cache-smollm2-1m --tokens 200000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from codebook_lens.cache import CodeCache
+from codebook_lens.search import matching_tokens, neuron_baseline, regex_codes
+
+HERE = Path(__file__).resolve().parent
+PATTERNS = {
+    "months": r"\b(January|February|March|April|May|June|July|August|September|October"
+    r"|November|December)\b",
+    "years": r"\b(1[5-9]|20)\d\d\b",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cache_dir")
+    parser.add_argument("--tokens", type=int, default=200_000)
+    parser.add_argument("--min-count", type=int, default=10)
+    parser.add_argument("--patterns", default=",".join(PATTERNS))
+    args = parser.parse_args()
+
+    cache = CodeCache.open(args.cache_dir)
+    rows = []
+    for name in args.patterns.split(","):
+        pattern = PATTERNS[name]
+        t0 = time.perf_counter()
+        result = regex_codes(cache, pattern, min_count=args.min_count, max_tokens=args.tokens)
+        best = result.codes[0]
+        positives = matching_tokens(cache, pattern, args.tokens)
+        neurons = neuron_baseline(cache, positives, best.recall, max_tokens=args.tokens)
+        top = neurons[0]
+        row = {
+            "pattern": name,
+            "regex": pattern,
+            "tokens": result.tokens,
+            "matching_tokens": result.matches,
+            "code": str(best.ref),
+            "code_precision": best.precision,
+            "code_recall": best.recall,
+            "code_fires": best.count,
+            "neuron": f"{top.site}[{top.neuron}]",
+            "neuron_sign": top.sign,
+            "neuron_precision": top.precision,
+            "neuron_recall": top.recall,
+            "gap_points": 100 * (best.precision - top.precision),
+            "seconds": time.perf_counter() - t0,
+            "best_neuron_per_site": [n.to_dict() for n in neurons[:10]],
+        }
+        rows.append(row)
+        print(
+            f"{name:<7} {result.matches:>6} matches in {result.tokens:,} tokens | code "
+            f"{row['code']} precision {best.precision:.3f} at recall {best.recall:.3f} | "
+            f"best neuron {row['neuron']} ({top.sign:+d}) precision {top.precision:.3f} at "
+            f"recall {top.recall:.3f} | gap {row['gap_points']:+.1f} points",
+            flush=True,
+        )
+    name = Path(args.cache_dir).name
+    (HERE / f"regex-vs-neurons-{name}-latest.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
