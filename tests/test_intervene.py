@@ -593,3 +593,22 @@ def test_cli_steer_eval_picks_codes_from_a_cache(saved, monkeypatch, capsys):
     assert [s["code"] for s in summary["selected"]] == summary["force"]
     assert main(["steer-eval", str(saved), "--words", "cat", "--cache", "C", "--prompt", "x"]) == 2
     assert "--cache needs --topic-text" in capsys.readouterr().err
+
+
+def test_token_positions_prefer_position_ids():
+    ids = torch.zeros(2, 1, dtype=torch.long)
+
+    class Past:
+        def get_seq_length(self) -> int:
+            return 5
+
+    # newer transformers pass the KV cache as ``cache`` and the positions themselves
+    assert token_positions((), {"input_ids": ids, "cache": Past()}).tolist() == [[5], [5]]
+    pos = torch.tensor([[3], [5]])
+    got = token_positions((), {"input_ids": ids, "cache": Past(), "position_ids": pos})
+    assert got.tolist() == [[3], [5]]
+    mask = torch.tensor([[0, 0, 1], [1, 1, 1]])
+    ids3 = torch.zeros(2, 3, dtype=torch.long)
+    pos3 = torch.tensor([[1, 1, 0], [0, 1, 2]])  # generate's left-padded positions
+    got = token_positions((), {"input_ids": ids3, "position_ids": pos3, "attention_mask": mask})
+    assert got.tolist() == [[-1, -1, 0], [0, 1, 2]]

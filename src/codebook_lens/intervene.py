@@ -39,8 +39,9 @@ intervened on (except with ``positions=None``, where it makes no difference). Wi
 a mask, positions are indices into the sequence as given.
 
 Positions are tracked by a forward pre-hook on the base model that reads the current
-call's tokens (``input_ids`` or ``inputs_embeds``) and where they start: ``cache_position``
-when given, else the length of ``past_key_values``, else 0. ``generate`` with a KV cache
+call's tokens (``input_ids`` or ``inputs_embeds``) and their positions: ``position_ids``
+when given (what the model itself uses), else they start at ``cache_position``, or at
+the length of the KV cache (``past_key_values``, or ``cache`` in newer transformers), or 0. ``generate`` with a KV cache
 therefore works: the prompt call and each one-token call know their positions.
 
 Interventions on different codebooks nest (each edits its own codebooks); entering one
@@ -187,18 +188,28 @@ def token_positions(args: tuple, kwargs: dict) -> torch.Tensor:
             raise RuntimeError("the base model was called with neither input_ids nor inputs_embeds")
         batch, seq = embeds.shape[:2]
         device = embeds.device
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch:
+        mask = None
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == seq:
+        # what the model itself uses (generate counts them from each row's first real token)
+        real = position_ids.to(device=device, dtype=torch.long).reshape(-1, seq).expand(batch, seq)
+        if mask is not None and mask.shape[1] >= seq:
+            real = real.masked_fill(mask[:, -seq:].to(device) == 0, -1)
+        return real
     cache_position = kwargs.get("cache_position")
     if cache_position is not None:
         padded = cache_position.to(device=device, dtype=torch.long).reshape(1, seq)
     else:
-        past = kwargs.get("past_key_values")
+        # the KV cache is ``past_key_values`` (``cache`` in newer transformers releases)
+        past = kwargs.get("past_key_values", kwargs.get("cache"))
         offset = 0
         if past is not None and hasattr(past, "get_seq_length"):
             offset = int(past.get_seq_length())
         padded = torch.arange(offset, offset + seq, device=device).unsqueeze(0)
     padded = padded.expand(batch, seq)
-    mask = kwargs.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch:
+    if mask is None:
         return padded
     if bool((padded >= mask.shape[1]).any()):
         return padded  # a mask that does not cover the sequence: fall back to indices
