@@ -91,6 +91,16 @@ def test_best_code_and_neuron_precision_hand_computed():
     recalls[37] = 0.5
     res = A.neuron_precision_at_recall(fsm, tok, {"layer0_mlp": acts}, recalls)
     assert res[37]["precision"] == 1.0
+    # state_classification: the paper's neurons (outputs) and, separately, hidden units
+    hidden = torch.zeros(2, 5, 1)
+    hidden[0, 2, 0] = hidden[0, 4, 0] = 5.0  # fires on 37 only
+    res = A.state_classification(
+        fsm, tok, {"k": codes}, {"k": 4}, {"layer0_mlp": acts, "layer0_mlp_hidden": hidden}
+    )
+    by_state = {p["state"]: p for p in res["per_state"]}
+    assert by_state[37]["neuron"]["precision"] == pytest.approx(2 / 3)
+    assert by_state[37]["neuron_hidden"] == {"precision": 1.0, "neuron": "+layer0_mlp_hidden[0]"}
+    assert res["neuron_precision_hidden"] >= res["neuron_precision"]
 
 
 def test_jensen_shannon_hand_computed():
@@ -170,6 +180,72 @@ def test_interventions_on_a_constructed_model():
     expected = ((10 - overlap) / 10).mean().item()
     assert res["jsd_bits"]["none"] == pytest.approx(expected, abs=1e-5)
     assert res["target_mass"]["none"] == pytest.approx((overlap / 10).mean().item(), abs=1e-5)
+
+
+class TrigramTableModel(TableModel):
+    """TableModel whose second digit is read from a second codebook at the first digit
+    itself: its codes are (state, digit) pairs, so swapping the state codes alone leaves
+    the second digit to the source state, and swapping the state-plus-digit codes too
+    makes the model act as the target exactly."""
+
+    def __init__(self, fsm: FSM) -> None:
+        super().__init__(fsm)
+        m = fsm.num_states * fsm.base
+        cb = Codebook(m, CodebookConfig(num_codes=m, k=1, similarity="inner_product"))
+        with torch.no_grad():
+            cb.weight.copy_(torch.eye(m).unsqueeze(0))
+        self.codebooks["layer1_mlp"] = cb
+        self.placement["layer1_mlp"] = ("mlp", 1)
+
+    def forward(self, input_ids, return_codes=False, **_):
+        o = super().forward(input_ids, return_codes=True)
+        b, t = input_ids.shape
+        n, base = self.fsm.num_states, self.fsm.base
+        tok = input_ids.clamp(max=base - 1)
+        pad = torch.zeros(b, 2, dtype=torch.long)
+        prev = torch.cat([pad, tok], 1)
+        number = ((prev[:, :-2] * base + prev[:, 1:-1]) * base + tok).clamp(max=n * base - 1)
+        tri = self.codebooks["layer1_mlp"](nn.functional.one_hot(number, n * base).float())
+        code = tri.codes.view(b, t)
+        pos = torch.arange(t)
+        firsts = (pos % 2 == 1) & (pos >= 3)
+        c = code[:, firsts]
+        o.logits[:, firsts] = self.second[c // base, c % base]
+        o.codes = {**o.codes, "layer1_mlp": tri.codes.view(b, t, 1, 1)} if return_codes else None
+        return o
+
+
+def test_interventions_swap_state_plus_digit_codes():
+    fsm = FSM.random(100, 10, 10, seed=0)
+    model = TrigramTableModel(fsm)
+    sets = {"mlp": ["layer0_mlp", "layer1_mlp"]}
+    both = A.intervention_jsd(model, fsm, sets, pairs=30, seed=5)
+    assert both["jsd_bits"]["mlp"] < 1e-6
+    assert both["target_mass"]["mlp"] == pytest.approx(1.0, abs=1e-6)
+    # the state codes alone fix the first digit but the second still follows the source
+    state_only = A.intervention_jsd(model, fsm, sets, pairs=30, seed=5, next_digits=False)
+    assert state_only["jsd_bits"]["none"] == pytest.approx(both["jsd_bits"]["none"])
+    assert state_only["jsd_bits"]["mlp"] > 0.05
+    assert state_only["target_mass"]["mlp"] < 0.95
+
+
+def test_purity_over_all_inputs_hand_computed():
+    fsm = FSM.random(100, 10, 10, seed=0)
+    bigrams, trigrams = A.all_inputs(fsm)
+    assert bigrams.shape == (100, 3) and trigrams.shape == (1000, 4)
+    assert bigrams[37].tolist() == [10, 3, 7]
+    assert trigrams[37 * 10 + 4].tolist() == [10, 3, 7, 4]
+    # TableModel's code at a token is the number its last two digits spell: on BOS + a
+    # state that is the state (100 codes, one input each: all pure); on BOS + state +
+    # digit it is (second digit, digit), shared by the 10 states with that second digit
+    out = A.purity_all_inputs(TableModel(fsm), fsm)["layer0_mlp"]
+    assert out["bigram"] == 1.0 and out["bigram_active_codes"] == 100
+    assert out["trigram"] == 0.0 and out["trigram_active_codes"] == 100
+    both = A.purity_all_inputs(TrigramTableModel(fsm), fsm)["layer1_mlp"]
+    # the trigram codebook: (state, digit) codes are all distinct on the 1000 trigrams;
+    # on bigrams it reads (BOS->0, d1, d2): 100 distinct codes
+    assert both["trigram"] == 1.0 and both["trigram_active_codes"] == 1000
+    assert both["bigram"] == 1.0
 
 
 def test_code_frequencies_sorted_per_codebook():

@@ -85,15 +85,19 @@ def _print_fsm_summary(m: dict, out: str) -> None:
     print()
     for a, b, c in rows:
         print(f"  {a:<22}{b:>10}{c:>12}")
-    purity = [v for k, v in m.items() if k.startswith("purity.mlp.")]
+    purity = {k[len("purity.mlp.") :]: v for k, v in m.items() if k.startswith("purity.mlp.")}
     if purity:
-        print(f"  {'MLP code purity':<22}{'':>10}{100 * sum(purity) / len(purity):11.1f}%")
+        layer = max(purity, key=purity.get)
+        label = f"bigram purity, MLP {layer}"
+        print(f"  {label:<22}{'':>10}{100 * purity[layer]:11.1f}%  (best MLP layer)")
     print(
         f"  {'state precision':<22}{'neuron ' + pct('neuron_precision').strip():>10}"
         f"{'code ' + pct('code_precision').strip():>12}"
     )
-    if "jsd.all" in m:
-        print(f"  {'JSD after swap (all)':<22}{'':>10}{m['jsd.all']:12.3f}  (none = 1)")
+    for sites in ("mlp", "all"):
+        if f"jsd.{sites}" in m:
+            label = f"JSD after swap ({sites})"
+            print(f"  {label:<22}{'':>10}{m[f'jsd.{sites}']:12.3f}  (none = 1)")
     minutes = sum(v for k, v in m.items() if k.startswith("seconds.")) / 60
     print(f"\n  {minutes:.1f} min; report: {Path(out, 'report.html').resolve()}")
 

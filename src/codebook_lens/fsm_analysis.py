@@ -134,6 +134,45 @@ def purity(
     return result
 
 
+def all_inputs(fsm: FSM) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every possible start of a sequence: BOS + one state (``(N, 1 + d)``) and BOS + one
+    state + one next digit (``(N * base, 2 + d)``), in state-major order."""
+    n, d = fsm.num_states, fsm.digits
+    states = fsm.encode_states(torch.arange(n)).view(n, d)
+    bos = torch.full((n, 1), fsm.bos, dtype=torch.long)
+    bigrams = torch.cat([bos, states], dim=1)
+    digits = torch.arange(fsm.base).repeat(n).view(-1, 1)
+    trigrams = torch.cat([bigrams.repeat_interleave(fsm.base, 0), digits], dim=1)
+    return bigrams, trigrams
+
+
+@torch.no_grad()
+def purity_all_inputs(model: CodebookModel, fsm: FSM) -> dict[str, dict]:
+    """Code purity over all possible inputs (paper Figure 5).
+
+    The model reads each of the N bigram inputs (BOS + a state) and each of the
+    N * base trigram inputs (BOS + a state + a next digit) once; the codes at the
+    input's last token are kept. A code is pure when it fires on a single input, i.e.
+    on one state (bigram) or one state plus next digit (trigram). Per codebook:
+    ``bigram`` and ``trigram`` purity (fraction of the codes active on those inputs
+    that are pure) and the number of active codes of each.
+    """
+    bigrams, trigrams = all_inputs(fsm)
+    result: dict[str, dict] = {}
+    for kind, inputs in (("bigram", bigrams), ("trigram", trigrams)):
+        codes = collect_codes(model, inputs, batch_size=256)
+        for key, ids in codes.items():
+            num = model.codebooks[key].num_codes
+            last = _flat_codes(ids, num)[:, -1]  # (inputs, G * k), distinct per row
+            counts = torch.bincount(last.reshape(-1), minlength=ids.shape[2] * num)
+            active = int((counts > 0).sum())
+            entry = result.setdefault(key, {})
+            entry[kind] = int((counts == 1).sum()) / max(1, active)
+            entry[f"{kind}_active_codes"] = active
+            entry[f"{kind}_inputs"] = int(inputs.shape[0])
+    return result
+
+
 # ----------------------------------------------------------------------------------------
 # state classification: codes vs neurons
 
@@ -276,19 +315,40 @@ def state_classification(
     base_acts: dict[str, torch.Tensor],
 ) -> dict:
     """Mean over states of the best code's precision and of the best neuron's precision
-    at the same recall (paper: codes 97.1%, neurons 70.5%)."""
+    at the same recall (paper: codes 97.1%, neurons 70.5%).
+
+    ``neuron_precision`` reads the neurons the paper names, the attention and MLP
+    outputs of every layer; ``neuron_precision_hidden`` adds the MLP hidden units
+    (``*_hidden`` entries of ``base_acts``), a stronger baseline."""
     per_code = best_codes_per_state(fsm, tokens, codes, num_codes)
     recalls = [c.get("recall", 0.0) for c in per_code]
-    per_neuron = neuron_precision_at_recall(fsm, tokens, base_acts, recalls)
+    outputs = {k: v for k, v in base_acts.items() if not k.endswith("_hidden")}
+    per_neuron = neuron_precision_at_recall(fsm, tokens, outputs, recalls)
+    per_hidden = (
+        neuron_precision_at_recall(fsm, tokens, base_acts, recalls)
+        if len(outputs) < len(base_acts)
+        else per_neuron
+    )
     states = [s for s in range(fsm.num_states) if recalls[s] > 0]
-    code_p = [per_code[s]["precision"] for s in states]
-    neuron_p = [per_neuron[s]["precision"] for s in states]
+
+    def mean(values):
+        return sum(values) / max(1, len(values))
+
     return {
-        "code_precision": sum(code_p) / max(1, len(code_p)),
-        "code_recall": sum(recalls[s] for s in states) / max(1, len(states)),
-        "neuron_precision": sum(neuron_p) / max(1, len(neuron_p)),
+        "code_precision": mean([per_code[s]["precision"] for s in states]),
+        "code_recall": mean([recalls[s] for s in states]),
+        "neuron_precision": mean([per_neuron[s]["precision"] for s in states]),
+        "neuron_precision_hidden": mean([per_hidden[s]["precision"] for s in states]),
         "states": len(states),
-        "per_state": [{"state": s, "code": per_code[s], "neuron": per_neuron[s]} for s in states],
+        "per_state": [
+            {
+                "state": s,
+                "code": per_code[s],
+                "neuron": per_neuron[s],
+                "neuron_hidden": per_hidden[s],
+            }
+            for s in states
+        ],
     }
 
 
@@ -331,6 +391,19 @@ def walks_ending_in(
     return {s: walks[walks[:, -1] == s] for s in range(fsm.num_states)}
 
 
+def with_heads(fsm: FSM, prefixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prefix followed by every possible head (the first ``d - 1`` digits of a
+    state): ``(B * h, t0 + d - 1)`` rows, prefix-major, and the ``(h, d - 1)`` heads."""
+    d = fsm.digits
+    all_digits = fsm.encode_states(torch.arange(fsm.num_states)).view(fsm.num_states, d)
+    heads = torch.unique(all_digits[:, : d - 1], dim=0) if d > 1 else torch.zeros(1, 0).long()
+    rows = torch.cat(
+        [prefixes.repeat_interleave(heads.shape[0], 0), heads.repeat(prefixes.shape[0], 1)],
+        dim=1,
+    )
+    return rows, heads
+
+
 @torch.no_grad()
 def next_state_distribution(model, fsm: FSM, prefixes: torch.Tensor, context=None) -> torch.Tensor:
     """``(B, N)`` the model's distribution of the next state after each prefix.
@@ -343,11 +416,8 @@ def next_state_distribution(model, fsm: FSM, prefixes: torch.Tensor, context=Non
     d = fsm.digits
     b, t0 = prefixes.shape
     all_digits = fsm.encode_states(torch.arange(fsm.num_states)).view(fsm.num_states, d)
-    heads = torch.unique(all_digits[:, : d - 1], dim=0) if d > 1 else torch.zeros(1, 0).long()
+    rows, heads = with_heads(fsm, prefixes)
     h = heads.shape[0]
-    rows = torch.cat(
-        [prefixes.repeat_interleave(h, 0), heads.repeat(b, 1)], dim=1
-    )  # (B*h, t0 + d - 1)
     device = next(model.parameters()).device
     ctx = context(rows.shape[0]) if context is not None else contextlib.nullcontext()
     with ctx:
@@ -382,13 +452,17 @@ def intervention_jsd(
     pairs: int = 200,
     prefix_states: int = 5,
     seed: int = 0,
+    next_digits: bool = True,
 ) -> dict:
     """Swap a source state's codes for a target state's; JSD to the target's successors.
 
     For ``pairs`` random (source, target) states: a walk of ``prefix_states`` states
     ending in the source, and one ending in the target. The codes the target walk
-    produces on the target state's digits replace the source walk's codes on its
-    last state's digits, in the codebooks of a site set. The model's next-state
+    produces on the target state's digits (state codes) replace the source walk's
+    codes on its last state's digits, in the codebooks of a site set; with
+    ``next_digits`` (paper Figure 2: "the state and state-plus-digit codes") also the
+    codes on the next state's leading digits, taken from the target walk followed by
+    the same digits. The model's next-state
     distribution is compared with the true one of the target (uniform over its
     successors). ``jsd[set]`` is the mean JSD divided by the mean JSD with no
     intervention, capped at 1 ("none" = 1; 0 = the model now behaves exactly like the
@@ -416,17 +490,19 @@ def intervention_jsd(
 
     src_tokens, tgt_tokens = pick(src), pick(tgt)
     t0 = src_tokens.shape[1]
-    positions = list(range(t0 - fsm.digits, t0))
-    tgt_codes = {k: v[:, positions] for k, v in collect_codes(model, tgt_tokens).items()}
+    end = t0 + fsm.digits - 1 if next_digits else t0
+    positions = list(range(t0 - fsm.digits, end))
+    tgt_rows, _ = with_heads(fsm, tgt_tokens)  # the rows next_state_distribution reads
+    tgt_codes = {k: v[:, positions] for k, v in collect_codes(model, tgt_rows).items()}
     truth = torch.zeros(pairs, fsm.num_states)
     truth.scatter_(1, fsm.successors[tgt], 1.0 / fsm.out_degree)
     raw, mass = {}, {}
     for name, keys in {"none": [], **site_sets}.items():
 
         def context(rows, keys=keys):
-            repeat = rows // pairs
-            ids = {k: tgt_codes[k].repeat_interleave(repeat, 0) for k in keys}
-            return replaced_codes(model, keys, positions, ids)
+            if rows != tgt_rows.shape[0]:
+                raise AssertionError("intervention rows do not match the target rows")
+            return replaced_codes(model, keys, positions, {k: tgt_codes[k] for k in keys})
 
         p = next_state_distribution(model, fsm, src_tokens, context if keys else None)
         raw[name] = float(jensen_shannon(p, truth).mean())
@@ -441,6 +517,7 @@ def intervention_jsd(
         "jsd_bits": raw,
         "target_mass": mass,
         "pairs": pairs,
+        "positions": "state and next digits" if next_digits else "state",
         "sources": src.tolist(),
         "targets": tgt.tolist(),
     }

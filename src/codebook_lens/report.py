@@ -85,15 +85,30 @@ def training_curves(run_dir: Path, stages: list[str]) -> str:
     return _svg(fig)
 
 
-def bar_plot(labels: list[str], values: list[float], title: str, ylabel: str, ref=None) -> str:
+def bar_plot(
+    labels: list[str],
+    values: list[float] | dict[str, list[float]],
+    title: str,
+    ylabel: str,
+    ref=None,
+) -> str:
+    """Bars per label; ``values`` a list (one series) or ``{series name: values}``."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(labels) + 2), 3.4))
-    ax.bar(range(len(values)), values, color="#4878a8")
-    for i, v in enumerate(values):
-        ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    series = values if isinstance(values, dict) else {"": values}
+    n = len(series)
+    width = 0.8 / n
+    colors = ["#4878a8", "#e08a3c", "#6a9f58", "#9467bd"]
+    fig, ax = plt.subplots(figsize=(max(4.0, (0.5 + 0.3 * n) * len(labels) + 2), 3.6))
+    for j, (name, vals) in enumerate(series.items()):
+        xs = [i + (j - (n - 1) / 2) * width for i in range(len(vals))]
+        ax.bar(xs, vals, width=width, color=colors[j % len(colors)], label=name or None)
+        for x, v in zip(xs, vals, strict=True):
+            ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     if ref is not None:
         ax.axhline(ref, color="#a33", lw=1, ls="--")
+    if n > 1:
+        ax.legend(fontsize=7)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
@@ -115,18 +130,33 @@ def frequency_plot(counts: dict[str, list[int]]) -> str:
 
 
 def precision_plot(per_state: list[dict]) -> str:
+    """Per state: the best code's precision against the best neuron's at the same recall
+    (paper Figure 3 style; above the diagonal = the code is the better classifier)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    codes = sorted(p["code"]["precision"] for p in per_state)
-    neurons = sorted(p["neuron"]["precision"] for p in per_state)
-    ax.plot(codes, label="best code")
-    ax.plot(neurons, label="best neuron (same recall)")
-    ax.set_xlabel("states, sorted by precision")
-    ax.set_ylabel("precision")
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    codes = [p["code"]["precision"] for p in per_state]
+    ax.scatter(
+        [p["neuron"]["precision"] for p in per_state],
+        codes,
+        s=12,
+        label="neurons: attention and MLP outputs",
+    )
+    if all("neuron_hidden" in p for p in per_state):
+        ax.scatter(
+            [p["neuron_hidden"]["precision"] for p in per_state],
+            codes,
+            s=12,
+            marker="x",
+            label="neurons incl. MLP hidden units",
+        )
+    ax.plot([0, 1], [0, 1], color="#a33", lw=1)
+    ax.set_xlabel("best neuron's precision at the code's recall")
+    ax.set_ylabel("best code's precision")
+    ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
-    ax.set_title("state classification")
+    ax.set_title("state classification, one point per state")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     return _svg(fig)
 
 
@@ -175,8 +205,17 @@ def fsm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
         ],
         classes,
     )
-    pur = {k: v for k, v in m.items() if k.startswith("purity.")}
-    jsd = {k[4:]: v for k, v in m.items() if k.startswith("jsd.")}
+    pur_labels = [k[len("purity.") :] for k in m if k.startswith("purity.")]
+    pur = {
+        "bigram, all inputs": [m[f"purity.{x}"] for x in pur_labels],
+        "trigram, all inputs": [m.get(f"purity_trigram.{x}", 0.0) for x in pur_labels],
+        "in walks": [m.get(f"purity_walks.{x}", 0.0) for x in pur_labels],
+    }
+    jsd_labels = [k[4:] for k in m if k.startswith("jsd.")]
+    jsd = {
+        "state + next digit codes": [m[f"jsd.{x}"] for x in jsd_labels],
+        "state codes only": [m.get(f"jsd_state_only.{x}", 1.0) for x in jsd_labels],
+    }
     sc = details["state_classification"]
     cb = cfg.codebook
     parts = [
@@ -201,26 +240,28 @@ def fsm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
         "<h2>Training curves</h2>",
         training_curves(run_dir, ["base", "codebook"]),
         "<h2>Code purity per layer</h2>",
-        bar_plot(
-            list(pur),
-            list(pur.values()),
-            "fraction of active codes on one bigram/trigram",
-            "purity",
-        ),
+        "<p class='note'>All inputs (paper Figure 5): the model reads every BOS + state "
+        "(bigram) and every BOS + state + next digit (trigram) once; a code is pure when it "
+        "fires on one of them. In walks: over the analysis walks, a code is pure when all "
+        "its activations on state tokens share one state (at a last digit) or one state "
+        "plus digit (at a first digit), across every context the walks give.</p>",
+        bar_plot(pur_labels, pur, "fraction of active codes that are pure", "purity"),
         "<h2>States: codes vs neurons</h2>",
         f"<p>Best code per state: mean precision <b>{100 * sc['code_precision']:.1f}%</b> at mean "
         f"recall {100 * sc['code_recall']:.1f}%. Best single neuron of the base model at the "
-        f"same recall: <b>{100 * sc['neuron_precision']:.1f}%</b> (paper: codes 97.1%, neurons "
-        "70.5%).</p>",
+        f"same recall (attention and MLP outputs of every layer): "
+        f"<b>{100 * sc['neuron_precision']:.1f}%</b>; with the MLP hidden units as neurons "
+        f"too: {100 * sc.get('neuron_precision_hidden', float('nan')):.1f}% (paper: codes "
+        "97.1%, neurons 70.5%).</p>",
         precision_plot(sc["per_state"]),
         "<h2>Interventions</h2>",
-        "<p class='note'>Codes on the source state's digits are replaced by the target state's; "
-        "JSD between the model's next-state distribution and the target's true one, divided by "
-        "the JSD without intervention (lower is better; 0 = the model now acts as in the "
-        "target state).</p>",
-        bar_plot(
-            list(jsd), list(jsd.values()), "normalised JSD by site set", "JSD / JSD(none)", 1.0
-        ),
+        "<p class='note'>Codes on the source state's digits (state codes) and on the next "
+        "state's first digit (state-plus-digit codes, paper Figure 2) are replaced by those "
+        "of the target state; in the second series only the state codes. JSD between the "
+        "model's next-state distribution and the target's true one, divided by the JSD "
+        "without intervention (lower is better; 0 = the model now acts as in the target "
+        "state).</p>",
+        bar_plot(jsd_labels, jsd, "normalised JSD by site set", "JSD / JSD(none)", 1.0),
         "<h2>Code frequency by rank</h2>",
         frequency_plot(details["frequency_counts"]),
         _table(

@@ -53,12 +53,21 @@ METRIC_KEYS = {
     "base.shifted_state_accuracy": "the sampled sequences read with digits paired one token "
     "later (chance ~ out_degree / num_states; higher = the model slipped alignment)",
     "codebook.*": "the same four for the codebook model",
-    "purity.<site>.<layer>": "fraction of active codes firing on one bigram or trigram",
+    "purity.<site>.<layer>": "bigram purity over all inputs: the model reads every BOS + "
+    "state once; fraction of the codes active at the state's last digit that fire on one "
+    "state only (paper Figure 5)",
+    "purity_trigram.<site>.<layer>": "the same over every BOS + state + next digit, at that "
+    "digit",
+    "purity_walks.<site>.<layer>": "over the analysis walks: fraction of active codes whose "
+    "activations all share one state (last digit) or one state plus digit (first digit)",
     "code_precision": "mean over states of the best code's precision (last digit of a state)",
     "code_recall": "mean recall of those codes",
     "neuron_precision": "mean over states of the best base-model neuron's precision at "
-    "the code's recall",
-    "jsd.<site set>": "intervention JSD to the target state's successors, / no intervention",
+    "the code's recall; neurons: attention and MLP outputs of every layer, either sign",
+    "neuron_precision_hidden": "the same with the MLP hidden units as neurons too",
+    "jsd.<site set>": "intervention JSD to the target state's successors, / no intervention; "
+    "state and state-plus-digit codes swapped (paper Figure 2)",
+    "jsd_state_only.<site set>": "the same with only the state's own codes swapped",
     "target_mass.<site set>": "model probability on the target state's successors",
     "frequency.<codebook>.dead_fraction": "codes that never fire on the analysis sequences",
     "seconds.<stage>": "wall-clock time of each stage",
@@ -153,7 +162,7 @@ PRESETS: dict[str, dict] = {
     "cpu": {
         "net": {"rotary_fraction": 1.0},
         "base": {
-            "steps": 6000,
+            "steps": 12000,
             "batch_size": 32,
             "lr": 3e-3,
             "warmup_steps": 100,
@@ -418,14 +427,21 @@ def run(cfg: FSMExperimentConfig, out: str | Path, log=print) -> dict:
     num_codes = {k: cb.num_codes for k, cb in cb_model.codebooks.items()}
     log("analysing codes: purity, state classification, interventions, frequencies")
     codes = A.collect_codes(cb_model, tokens)
+    pur_inputs = A.purity_all_inputs(cb_model, fsm)
     pur = A.purity(fsm, tokens, codes, num_codes, a.purity_threshold)
+    for key, values in pur_inputs.items():
+        site, layer = cb_model.placement[key]
+        metrics[f"purity.{site}.{layer}"] = values["bigram"]
+    for key, values in pur_inputs.items():
+        site, layer = cb_model.placement[key]
+        metrics[f"purity_trigram.{site}.{layer}"] = values["trigram"]
     for key, values in pur.items():
         site, layer = cb_model.placement[key]
-        metrics[f"purity.{site}.{layer}"] = values["purity"]
+        metrics[f"purity_walks.{site}.{layer}"] = values["purity"]
     acts = A.neuron_activations(base, tokens)
     classification = A.state_classification(fsm, tokens, codes, num_codes, acts)
     del acts
-    for key in ("code_precision", "code_recall", "neuron_precision"):
+    for key in ("code_precision", "code_recall", "neuron_precision", "neuron_precision_hidden"):
         metrics[key] = classification[key]
     interventions = A.intervention_jsd(
         cb_model, fsm, site_sets(cb_model), a.pairs, a.prefix_states, a.seed
@@ -434,6 +450,11 @@ def run(cfg: FSMExperimentConfig, out: str | Path, log=print) -> dict:
         metrics[f"jsd.{name}"] = value
     for name, value in interventions["target_mass"].items():
         metrics[f"target_mass.{name}"] = value
+    state_only = A.intervention_jsd(
+        cb_model, fsm, site_sets(cb_model), a.pairs, a.prefix_states, a.seed, next_digits=False
+    )
+    for name, value in state_only["jsd"].items():
+        metrics[f"jsd_state_only.{name}"] = value
     freqs = A.code_frequencies(codes, num_codes)
     freq_summary = {key: A.frequency_summary(c) for key, c in freqs.items()}
     for key, summary in freq_summary.items():
@@ -443,9 +464,10 @@ def run(cfg: FSMExperimentConfig, out: str | Path, log=print) -> dict:
         metrics[f"seconds.{name}"] = value
 
     details = {
-        "purity": pur,
+        "purity": {"all_inputs": pur_inputs, "walks": pur},
         "state_classification": classification,
         "interventions": interventions,
+        "interventions_state_only": state_only,
         "frequency": freq_summary,
         "frequency_counts": {k: c[c > 0].tolist() for k, c in freqs.items()},
     }
