@@ -9,6 +9,8 @@ cut to ``seq_len`` tokens. Generation is vectorised.
 
 from __future__ import annotations
 
+import inspect
+
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -304,6 +306,9 @@ def sample(
     lm = getattr(model, "model", model) if hasattr(model, "codebooks") else model
     device = next(lm.parameters()).device
     tokens = torch.full((batch, 1), fsm.bos, dtype=torch.long, device=device)
+    # the KV cache argument and output are named ``cache`` in newer transformers
+    # (``past_key_values`` before; the old name warns there)
+    new_name = "cache" in inspect.signature(lm.forward).parameters
     out = lm(input_ids=tokens, use_cache=True)
     pieces = [tokens]
     for _ in range(seq_len - 1):
@@ -313,7 +318,10 @@ def sample(
         pieces.append(nxt)
         if len(pieces) == seq_len:
             break
-        out = lm(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        if new_name:
+            out = lm(input_ids=nxt, cache=out.cache, use_cache=True)
+        else:
+            out = lm(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
     return torch.cat(pieces, dim=1)
 
 
