@@ -10,7 +10,6 @@ cut to ``seq_len`` tokens. Generation is vectorised.
 from __future__ import annotations
 
 import inspect
-
 import json
 import math
 from dataclasses import asdict, dataclass

@@ -56,8 +56,7 @@ METRIC_KEYS = {
     "purity.<site>.<layer>": "bigram purity over all inputs: the model reads every BOS + "
     "state once; fraction of the codes active at the state's last digit that fire on one "
     "state only (paper Figure 5)",
-    "purity_trigram.<site>.<layer>": "the same over every BOS + state + next digit, at that "
-    "digit",
+    "purity_trigram.<site>.<layer>": "the same over every BOS + state + next digit, at that digit",
     "purity_walks.<site>.<layer>": "over the analysis walks: fraction of active codes whose "
     "activations all share one state (last digit) or one state plus digit (first digit)",
     "code_precision": "mean over states of the best code's precision (last digit of a state)",
@@ -173,6 +172,9 @@ PRESETS: dict[str, dict] = {
         "codebook": {
             "steps": 800,
             "batch_size": 32,
+            # 8,192 codes per MLP: codebook state accuracy 80.4% against 73.9% with 2,048
+            # (the layer-3 MLP codebook costs the most), 3 more minutes (measured)
+            "mlp_num_codes": 8192,
             "eval_every": 200,
             "log_every": 25,
             "checkpoint_every": 200,
