@@ -173,7 +173,7 @@ PRESETS: dict[str, dict] = {
             "steps": 800,
             "batch_size": 32,
             # 8,192 codes per MLP: codebook state accuracy 80.4% against 73.9% with 2,048
-            # (the layer-3 MLP codebook costs the most), 3 more minutes (measured)
+            # (the layer-3 MLP codebook costs the most), 5 more minutes (measured)
             "mlp_num_codes": 8192,
             "eval_every": 200,
             "log_every": 25,
