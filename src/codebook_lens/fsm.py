@@ -307,7 +307,9 @@ def sample(
     tokens = torch.full((batch, 1), fsm.bos, dtype=torch.long, device=device)
     # the KV cache argument and output are named ``cache`` in newer transformers
     # (``past_key_values`` before; the old name warns there)
-    new_name = "cache" in inspect.signature(lm.forward).parameters
+    cache_name = (
+        "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    )
     out = lm(input_ids=tokens, use_cache=True)
     pieces = [tokens]
     for _ in range(seq_len - 1):
@@ -317,10 +319,7 @@ def sample(
         pieces.append(nxt)
         if len(pieces) == seq_len:
             break
-        if new_name:
-            out = lm(input_ids=nxt, cache=out.cache, use_cache=True)
-        else:
-            out = lm(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        out = lm(input_ids=nxt, use_cache=True, **{cache_name: getattr(out, cache_name)})
     return torch.cat(pieces, dim=1)
 
 

@@ -469,6 +469,24 @@ def intervention_jsd(
     target state); ``jsd_ratio`` is the same uncapped, ``jsd_bits`` the unnormalised means, ``target_mass`` the model's
     probability of the target's successors.
     """
+    return intervention_jsd_variants(
+        model, fsm, site_sets, pairs, prefix_states, seed, variants=(next_digits,)
+    )[0]
+
+
+@torch.no_grad()
+def intervention_jsd_variants(
+    model: CodebookModel,
+    fsm: FSM,
+    site_sets: dict[str, list[str]],
+    pairs: int = 200,
+    prefix_states: int = 5,
+    seed: int = 0,
+    variants: tuple[bool, ...] = (True, False),
+) -> list[dict]:
+    """:func:`intervention_jsd` for each ``next_digits`` value in ``variants``, on the
+    same pairs: the walks, the target's codes and the unswapped distribution are
+    computed once."""
     gen = torch.Generator().manual_seed(seed)
     by_state = walks_ending_in(fsm, prefix_states, 4, gen)
     available = [s for s, w in by_state.items() if len(w)]
@@ -490,37 +508,49 @@ def intervention_jsd(
 
     src_tokens, tgt_tokens = pick(src), pick(tgt)
     t0 = src_tokens.shape[1]
-    end = t0 + fsm.digits - 1 if next_digits else t0
-    positions = list(range(t0 - fsm.digits, end))
     tgt_rows, _ = with_heads(fsm, tgt_tokens)  # the rows next_state_distribution reads
-    tgt_codes = {k: v[:, positions] for k, v in collect_codes(model, tgt_rows).items()}
+    tgt_codes = collect_codes(model, tgt_rows)
     truth = torch.zeros(pairs, fsm.num_states)
     truth.scatter_(1, fsm.successors[tgt], 1.0 / fsm.out_degree)
-    raw, mass = {}, {}
-    for name, keys in {"none": [], **site_sets}.items():
 
-        def context(rows, keys=keys):
-            if rows != tgt_rows.shape[0]:
-                raise AssertionError("intervention rows do not match the target rows")
-            return replaced_codes(model, keys, positions, {k: tgt_codes[k] for k in keys})
+    def measure(p: torch.Tensor) -> tuple[float, float]:
+        return float(jensen_shannon(p, truth).mean()), float((p * (truth > 0)).sum(-1).mean())
 
-        p = next_state_distribution(model, fsm, src_tokens, context if keys else None)
-        raw[name] = float(jensen_shannon(p, truth).mean())
-        mass[name] = float((p * (truth > 0)).sum(-1).mean())
-    base_jsd = raw["none"]
-    ratio = {name: v / base_jsd if base_jsd > 0 else float("nan") for name, v in raw.items()}
-    return {
-        # a swap that moves the model further from the target than no swap at all
-        # counts as no effect: the reported fraction is capped at 1 (ratio is uncapped)
-        "jsd": {name: min(1.0, v) for name, v in ratio.items()},
-        "jsd_ratio": ratio,
-        "jsd_bits": raw,
-        "target_mass": mass,
-        "pairs": pairs,
-        "positions": "state and next digits" if next_digits else "state",
-        "sources": src.tolist(),
-        "targets": tgt.tolist(),
-    }
+    unswapped = measure(next_state_distribution(model, fsm, src_tokens))
+    results = []
+    for next_digits in variants:
+        end = t0 + fsm.digits - 1 if next_digits else t0
+        positions = list(range(t0 - fsm.digits, end))
+        raw, mass = {"none": unswapped[0]}, {"none": unswapped[1]}
+        for name, keys in site_sets.items():
+
+            def context(rows, keys=keys, positions=positions):
+                if rows != tgt_rows.shape[0]:
+                    raise AssertionError("intervention rows do not match the target rows")
+                ids = {k: tgt_codes[k][:, positions] for k in keys}
+                return replaced_codes(model, keys, positions, ids)
+
+            raw[name], mass[name] = measure(
+                next_state_distribution(model, fsm, src_tokens, context if keys else None)
+            )
+        base_jsd = raw["none"]
+        ratio = {name: v / base_jsd if base_jsd > 0 else float("nan") for name, v in raw.items()}
+        results.append(
+            {
+                # a swap that moves the model further from the target than no swap at
+                # all counts as no effect: the reported fraction is capped at 1 (ratio
+                # is uncapped)
+                "jsd": {name: min(1.0, v) for name, v in ratio.items()},
+                "jsd_ratio": ratio,
+                "jsd_bits": raw,
+                "target_mass": mass,
+                "pairs": pairs,
+                "positions": "state and next digits" if next_digits else "state",
+                "sources": src.tolist(),
+                "targets": tgt.tolist(),
+            }
+        )
+    return results
 
 
 # ----------------------------------------------------------------------------------------

@@ -431,30 +431,26 @@ def run(cfg: FSMExperimentConfig, out: str | Path, log=print) -> dict:
     codes = A.collect_codes(cb_model, tokens)
     pur_inputs = A.purity_all_inputs(cb_model, fsm)
     pur = A.purity(fsm, tokens, codes, num_codes, a.purity_threshold)
-    for key, values in pur_inputs.items():
-        site, layer = cb_model.placement[key]
-        metrics[f"purity.{site}.{layer}"] = values["bigram"]
-    for key, values in pur_inputs.items():
-        site, layer = cb_model.placement[key]
-        metrics[f"purity_trigram.{site}.{layer}"] = values["trigram"]
-    for key, values in pur.items():
-        site, layer = cb_model.placement[key]
-        metrics[f"purity_walks.{site}.{layer}"] = values["purity"]
+    for prefix, table, field in (
+        ("purity", pur_inputs, "bigram"),
+        ("purity_trigram", pur_inputs, "trigram"),
+        ("purity_walks", pur, "purity"),
+    ):
+        for key, values in table.items():
+            site, layer = cb_model.placement[key]
+            metrics[f"{prefix}.{site}.{layer}"] = values[field]
     acts = A.neuron_activations(base, tokens)
     classification = A.state_classification(fsm, tokens, codes, num_codes, acts)
     del acts
     for key in ("code_precision", "code_recall", "neuron_precision", "neuron_precision_hidden"):
         metrics[key] = classification[key]
-    interventions = A.intervention_jsd(
-        cb_model, fsm, site_sets(cb_model), a.pairs, a.prefix_states, a.seed
+    interventions, state_only = A.intervention_jsd_variants(
+        cb_model, fsm, site_sets(cb_model), a.pairs, a.prefix_states, a.seed, (True, False)
     )
     for name, value in interventions["jsd"].items():
         metrics[f"jsd.{name}"] = value
     for name, value in interventions["target_mass"].items():
         metrics[f"target_mass.{name}"] = value
-    state_only = A.intervention_jsd(
-        cb_model, fsm, site_sets(cb_model), a.pairs, a.prefix_states, a.seed, next_digits=False
-    )
     for name, value in state_only["jsd"].items():
         metrics[f"jsd_state_only.{name}"] = value
     freqs = A.code_frequencies(codes, num_codes)
