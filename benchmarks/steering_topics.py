@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 
 from codebook_lens.cache import CodeCache
-from codebook_lens.intervene import steering_eval
 from codebook_lens.search import topic_codes
+from codebook_lens.steering import steering_eval
 
 TOPICS = {
     "religion": (

@@ -15,17 +15,11 @@ from conftest import save_tiny_lm, tiny_model
 from codebook_lens import sites as S
 from codebook_lens.cli import main
 from codebook_lens.codebook import CodebookConfig
-from codebook_lens.intervene import (
-    Intervention,
-    generate,
-    intervene,
-    mentions_topic,
-    steering_eval,
-    token_positions,
-)
+from codebook_lens.intervene import Intervention, intervene, token_positions
 from codebook_lens.loading import load_codebook_model
 from codebook_lens.model import CodebookModel, CodebookModelConfig, SiteSpec
 from codebook_lens.refs import CodeRef
+from codebook_lens.steering import generate, mentions_topic, steering_eval
 
 K_MLP, K_HEADS = 3, 2
 POSITIONS = [1, 4, 6]

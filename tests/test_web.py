@@ -17,7 +17,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from codebook_lens.cache import CacheError, CodeCache  # noqa: E402
-from codebook_lens.intervene import Intervention, generate  # noqa: E402
+from codebook_lens.intervene import Intervention  # noqa: E402
 from codebook_lens.loading import load_codebook_model  # noqa: E402
 from codebook_lens.refs import CodeRef  # noqa: E402
 from codebook_lens.search import (  # noqa: E402
@@ -27,6 +27,7 @@ from codebook_lens.search import (  # noqa: E402
     similar_codes,
     topic_codes,
 )
+from codebook_lens.steering import generate  # noqa: E402
 from codebook_lens.web import create_app  # noqa: E402
 from codebook_lens.web.service import check_model_fits  # noqa: E402
 

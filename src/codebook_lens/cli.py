@@ -115,8 +115,9 @@ def _intervention_from(args: argparse.Namespace, codes: list):
 
 
 def _steer(args: argparse.Namespace) -> int:
-    from .intervene import check_intervention, generate
+    from .intervene import check_intervention
     from .loading import load_codebook_model
+    from .steering import generate
 
     if not args.code and not args.disable:
         print("codebook steer: give at least one --code or --disable", file=sys.stderr)
@@ -152,8 +153,9 @@ def _steer(args: argparse.Namespace) -> int:
 def _steer_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .intervene import check_intervention, steering_eval
+    from .intervene import check_intervention
     from .loading import load_codebook_model
+    from .steering import steering_eval
 
     words = [w.strip() for w in args.words.split(",") if w.strip()]
     if not words:

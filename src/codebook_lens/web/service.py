@@ -384,7 +384,8 @@ class Browser:
         from_position: int | None = None,
     ) -> dict[str, Any]:
         """Continuations of ``prompt`` without and with the intervention, same seeds."""
-        from ..intervene import Intervention, check_intervention, generate
+        from ..intervene import Intervention, check_intervention
+        from ..steering import generate
 
         loaded = self.loaded
         if loaded is None:
