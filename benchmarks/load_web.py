@@ -56,7 +56,7 @@ def live_codes(cache: CodeCache, count: int, rng: np.random.Generator) -> list[s
 
 
 def build(cache_dir: Path, model_dir: str, max_tokens: int, corpus: str) -> None:
-    from codebook_lens.cache import build_cache, corpus_documents
+    from codebook_lens.cache_build import build_cache, corpus_documents
     from codebook_lens.loading import load_codebook_model
 
     loaded = load_codebook_model(model_dir)

@@ -130,7 +130,7 @@ WEB_DOCS = [
 @pytest.fixture(scope="session")
 def tiny_code_cache(tmp_path_factory):
     """(model_dir, cache_dir): the tiny codebook model and a code cache of WEB_DOCS."""
-    from codebook_lens.cache import build_cache
+    from codebook_lens.cache_build import build_cache
     from codebook_lens.loading import load_codebook_model
 
     root = tmp_path_factory.mktemp("webcache")

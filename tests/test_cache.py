@@ -13,14 +13,8 @@ import pytest
 import torch
 from conftest import corpus_text, save_tiny_codebook_model
 
-from codebook_lens.cache import (
-    CacheError,
-    CodeCache,
-    build_cache,
-    build_index,
-    code_dtype,
-    tokenize_stream,
-)
+from codebook_lens.cache import CacheError, CodeCache, code_dtype
+from codebook_lens.cache_build import build_cache, build_index, tokenize_stream
 from codebook_lens.loading import load_codebook_model
 from codebook_lens.refs import CodeRef
 from codebook_lens.search import (
@@ -239,7 +233,7 @@ def test_bad_and_catastrophic_patterns(built, tmp_path):
     with pytest.raises(SearchError, match="empty"):
         regex_codes(cache, "")
     # a pattern that takes exponential time with backtracking engines, on a long document
-    from codebook_lens.cache import build_cache as build
+    from codebook_lens.cache_build import build_cache as build
 
     loaded = cache.model()
     evil_doc = "a" * 30000 + "!"

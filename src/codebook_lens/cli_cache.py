@@ -12,7 +12,7 @@ def _print_json(data) -> None:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from .cache import build_cache, corpus_documents
+    from .cache_build import build_cache, corpus_documents
     from .loading import load_codebook_model
 
     loaded = load_codebook_model(args.model_dir)

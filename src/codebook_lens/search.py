@@ -527,7 +527,7 @@ def similar_codes(cache: CodeCache, ref: CodeRef, top: int = 10) -> list[tuple[C
 
 def logit_effect(cache: CodeCache, ref: CodeRef, top: int = 10) -> dict:
     """Tokens ``ref`` promotes and suppresses most through the direct path to the logits
-    (stored at build time; see :func:`codebook_lens.cache.code_logit_effects`)."""
+    (stored at build time; see :func:`codebook_lens.cache_build.code_logit_effects`)."""
     cache.check(ref)
     eff = cache.effects(ref.codebook)
     vocab = cache.vocab()
