@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import types
 
 import pytest
 import torch
@@ -231,20 +233,33 @@ def test_interventions_swap_state_plus_digit_codes():
 
 def test_purity_over_all_inputs_hand_computed():
     fsm = FSM.random(100, 10, 10, seed=0)
-    bigrams, trigrams = A.all_inputs(fsm)
-    assert bigrams.shape == (100, 3) and trigrams.shape == (1000, 4)
+    bigrams, every = A.all_inputs(fsm, every_digit=True)
+    assert bigrams.shape == (100, 3) and every.shape == (1000, 4)
     assert bigrams[37].tolist() == [10, 3, 7]
-    assert trigrams[37 * 10 + 4].tolist() == [10, 3, 7, 4]
+    assert every[37 * 10 + 4].tolist() == [10, 3, 7, 4]
+    # by default the next digit is one the machine can produce: a first digit of a
+    # successor of the state, counted here by hand
+    _, trigrams = A.all_inputs(fsm)
+    expected = [
+        [10, s // 10, s % 10, d]
+        for s in range(100)
+        for d in sorted({int(t) // 10 for t in fsm.successors[s]})
+    ]
+    assert trigrams.tolist() == expected
+    assert 100 < len(expected) < 1000
     # TableModel's code at a token is the number its last two digits spell: on BOS + a
     # state that is the state (100 codes, one input each: all pure); on BOS + state +
-    # digit it is (second digit, digit), shared by the 10 states with that second digit
+    # digit it is (second digit, digit), shared by the states with that second digit
     out = A.purity_all_inputs(TableModel(fsm), fsm)["layer0_mlp"]
     assert out["bigram"] == 1.0 and out["bigram_active_codes"] == 100
-    assert out["trigram"] == 0.0 and out["trigram_active_codes"] == 100
+    pairs = collections.Counter((row[2], row[3]) for row in expected)
+    assert out["trigram_inputs"] == len(expected)
+    assert out["trigram_active_codes"] == len(pairs)
+    assert out["trigram"] == pytest.approx(sum(c == 1 for c in pairs.values()) / len(pairs))
     both = A.purity_all_inputs(TrigramTableModel(fsm), fsm)["layer1_mlp"]
-    # the trigram codebook: (state, digit) codes are all distinct on the 1000 trigrams;
+    # the trigram codebook: (state, digit) codes are all distinct on the trigrams;
     # on bigrams it reads (BOS->0, d1, d2): 100 distinct codes
-    assert both["trigram"] == 1.0 and both["trigram_active_codes"] == 1000
+    assert both["trigram"] == 1.0 and both["trigram_active_codes"] == len(expected)
     assert both["bigram"] == 1.0
 
 
@@ -302,6 +317,8 @@ def test_fsm_command_end_to_end(tmp_path, capsys):
         "purity.mlp.0",
         "purity.attn_heads.1",
         "base.valid_transition_mass",
+        "base.valid_mass_after_jump",
+        "codebook.valid_mass_after_jump",
         "codebook.shifted_state_accuracy",
     ):
         assert key in metrics, key
@@ -328,3 +345,30 @@ def test_fsm_command_rejects_bad_settings(capsys):
     assert "unknown preset" in capsys.readouterr().err
     assert main(["fsm", "base.stepz=3"]) == 2
     assert "did you mean 'steps'" in capsys.readouterr().err
+
+
+class UniformModel(nn.Module):
+    """Equal logits for every token: every state gets 1 / N after any prefix."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, **_):
+        b, t = input_ids.shape
+        return types.SimpleNamespace(logits=torch.zeros(b, t, self.vocab) + self.dummy)
+
+
+def test_valid_mass_with_and_after_a_jump_hand_computed():
+    from codebook_lens.tokfsm import valid_transition_mass
+
+    fsm = FSM.random(100, 10, 10, seed=0)
+    # the exact table model follows the machine from whatever state it reads
+    table = TableModel(fsm)
+    assert valid_transition_mass(table, fsm, 33) == pytest.approx(1.0, abs=1e-6)
+    assert valid_transition_mass(table, fsm, 33, after_jump=True) == pytest.approx(1.0, abs=1e-6)
+    # uniform over 100 states, 10 of them successors of any state
+    uniform = UniformModel(fsm.vocab_size)
+    assert valid_transition_mass(uniform, fsm, 33) == pytest.approx(0.1)
+    assert valid_transition_mass(uniform, fsm, 33, after_jump=True) == pytest.approx(0.1)

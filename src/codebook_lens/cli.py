@@ -81,6 +81,11 @@ def _print_fsm_summary(m: dict, out: str) -> None:
             pct("base.valid_transition_mass"),
             pct("codebook.valid_transition_mass"),
         ),
+        (
+            "valid mass after jump",
+            pct("base.valid_mass_after_jump"),
+            pct("codebook.valid_mass_after_jump"),
+        ),
     ]
     print()
     for a, b, c in rows:

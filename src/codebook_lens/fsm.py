@@ -278,7 +278,10 @@ def transition_validity(fsm: FSM, tokens: torch.Tensor) -> tuple[torch.Tensor, t
 @torch.no_grad()
 def lm_metrics(model, tokens: torch.Tensor) -> dict:
     """Mean next-token loss and accuracy of ``model`` (any callable returning ``.logits``)."""
-    logits = model(tokens).logits[:, :-1]
+    params = getattr(model, "parameters", None)
+    if params is not None:
+        tokens = tokens.to(next(params()).device)
+    logits = model(tokens).logits[:, :-1].float()
     target = tokens[:, 1:]
     loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), target.reshape(-1)

@@ -134,15 +134,25 @@ def purity(
     return result
 
 
-def all_inputs(fsm: FSM) -> tuple[torch.Tensor, torch.Tensor]:
+def all_inputs(fsm: FSM, every_digit: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Every possible start of a sequence: BOS + one state (``(N, 1 + d)``) and BOS + one
-    state + one next digit (``(N * base, 2 + d)``), in state-major order."""
+    state + one next digit, in state-major, digit-minor order.
+
+    The next digit ranges over the digits the machine can produce there, the first
+    digits of the state's successors (the inputs the paper's Figure 5 partitions);
+    ``every_digit=True`` takes all ``base`` digits instead (``(N * base, 2 + d)``).
+    """
     n, d = fsm.num_states, fsm.digits
     states = fsm.encode_states(torch.arange(n)).view(n, d)
     bos = torch.full((n, 1), fsm.bos, dtype=torch.long)
     bigrams = torch.cat([bos, states], dim=1)
     digits = torch.arange(fsm.base).repeat(n).view(-1, 1)
     trigrams = torch.cat([bigrams.repeat_interleave(fsm.base, 0), digits], dim=1)
+    if not every_digit:
+        first = fsm.encode_states(fsm.successors.reshape(-1)).view(n, -1, d)[:, :, 0]
+        possible = torch.zeros(n, fsm.base, dtype=torch.bool)
+        possible[torch.arange(n).unsqueeze(1).expand_as(first), first] = True
+        trigrams = trigrams[possible.view(-1)]
     return bigrams, trigrams
 
 
@@ -150,9 +160,9 @@ def all_inputs(fsm: FSM) -> tuple[torch.Tensor, torch.Tensor]:
 def purity_all_inputs(model: CodebookModel, fsm: FSM) -> dict[str, dict]:
     """Code purity over all possible inputs (paper Figure 5).
 
-    The model reads each of the N bigram inputs (BOS + a state) and each of the
-    N * base trigram inputs (BOS + a state + a next digit) once; the codes at the
-    input's last token are kept. A code is pure when it fires on a single input, i.e.
+    The model reads each of the N bigram inputs (BOS + a state) and each trigram
+    input (BOS + a state + a next digit the machine can produce there, see
+    :func:`all_inputs`) once; the codes at the input's last token are kept. A code is pure when it fires on a single input, i.e.
     on one state (bigram) or one state plus next digit (trigram). Per codebook:
     ``bigram`` and ``trigram`` purity (fraction of the codes active on those inputs
     that are pure) and the number of active codes of each.

@@ -187,11 +187,12 @@ def fsm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
                 100 * m[f"{name}.state_accuracy"],
                 100 * m[f"{name}.first_transition_accuracy"],
                 100 * m[f"{name}.valid_transition_mass"],
+                100 * m.get(f"{name}.valid_mass_after_jump", float("nan")),
             ]
         )
         classes.append("ours")
     for setting, loss, acc, state in PAPER_TABLE1:
-        rows.append([setting, loss, acc, state, "-", "-"])
+        rows.append([setting, loss, acc, state, "-", "-", "-"])
         classes.append("")
     table = _table(
         rows,
@@ -202,6 +203,7 @@ def fsm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
             "state acc %",
             "first transition acc %",
             "valid mass, teacher-forced %",
+            "valid mass after a jump %",
         ],
         classes,
     )

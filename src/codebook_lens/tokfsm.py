@@ -50,9 +50,11 @@ METRIC_KEYS = {
     "base.first_transition_accuracy": "the first sampled transition is valid",
     "base.valid_transition_mass": "teacher-forced: probability of valid next states after "
     "true walks",
+    "base.valid_mass_after_jump": "the same when the walk's last state is a random state "
+    "(a slip): recovery from the model's own kind of mistake",
     "base.shifted_state_accuracy": "the sampled sequences read with digits paired one token "
     "later (chance ~ out_degree / num_states; higher = the model slipped alignment)",
-    "codebook.*": "the same four for the codebook model",
+    "codebook.*": "the same for the codebook model",
     "purity.<site>.<layer>": "bigram purity over all inputs: the model reads every BOS + "
     "state once; fraction of the codes active at the state's last digit that fire on one "
     "state only (paper Figure 5)",
@@ -354,22 +356,42 @@ def model_metrics(model, fsm: FSM, data: FSMData, cfg: FSMExperimentConfig) -> d
         )
     )
     out["valid_transition_mass"] = valid_transition_mass(model, fsm, cfg.task.seq_len)
+    out["valid_mass_after_jump"] = valid_transition_mass(
+        model, fsm, cfg.task.seq_len, after_jump=True
+    )
     return out
 
 
 @torch.no_grad()
 def valid_transition_mass(
-    model, fsm: FSM, seq_len: int, per_length: int = 32, seed: int = 99
+    model,
+    fsm: FSM,
+    seq_len: int,
+    per_length: int = 32,
+    seed: int = 99,
+    after_jump: bool = False,
 ) -> float:
     """Mean probability the model gives to valid next states after true walks
     (teacher-forced, prefixes of every length up to ``seq_len``): how well it knows the
-    machine when its context is right, as opposed to sampling from its own output."""
+    machine when its context is right, as opposed to sampling from its own output.
+
+    ``after_jump=True``: the walk's last state is a uniformly random state instead of a
+    successor (the kind of context a model makes for itself when it samples one invalid
+    transition); the mass is then on that state's successors. A model that follows the
+    machine from whatever state it reads scores as high as without the jump; one that
+    cannot recover from a slip scores lower, and its samples go on failing after one.
+    """
     gen = torch.Generator().manual_seed(seed)
     adj = fsm.adjacency().float()
     total, count = 0.0, 0
     max_states = (seq_len - 1) // fsm.digits - 1
-    for length in range(1, max_states + 1, max(1, max_states // 8)):
-        walks = fsm.walks(per_length, length, gen)
+    start = 2 if after_jump else 1
+    for length in range(start, max_states + 1, max(1, max_states // 8)):
+        jumps = None
+        if after_jump:
+            jumps = torch.zeros(per_length, length, dtype=torch.bool)
+            jumps[:, -1] = True
+        walks = fsm.walks(per_length, length, gen, jumps)
         prefixes = torch.cat(
             [torch.full((per_length, 1), fsm.bos), fsm.encode_states(walks)], dim=1
         )
