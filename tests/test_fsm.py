@@ -138,3 +138,54 @@ def test_jumps_are_in_the_context_but_never_targets():
     # held-out batches stay clean walks
     held = FSMData(fsm, 129, jump_rate=0.2).first(1, 8)[0]
     assert transition_validity(fsm, held)[0].eq(1).all()
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_parity_rotary_scores_the_parity_of_a_distance(fraction):
+    """With the parity rotary base the fastest rotary pair turns by pi per token, so a
+    query and a key living in that pair score +|q||k| at even distances and -|q||k| at
+    odd ones, whatever their absolute positions (checked through transformers' own
+    rotary code)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
+
+    from codebook_lens.fsm import neox_config, parity_rope_theta
+
+    fsm = FSM.random(20, 4, 10, seed=1)
+    theta = parity_rope_theta(32, fraction)
+    model = AutoModelForCausalLM.from_config(
+        neox_config(fsm, 1, 128, 4, 64, 40, fraction, theta)
+    ).eval()
+    d = int(32 * fraction)
+    inv = model.gpt_neox.rotary_emb.inv_freq
+    assert inv.shape == (d // 2,)
+    assert inv[0].item() == pytest.approx(1.0) and inv[-1].item() == pytest.approx(math.pi)
+    assert torch.all(inv[1:] > inv[:-1])  # rising from 1 to pi
+    positions = torch.arange(40)[None]
+    x = torch.zeros(1, 40, 128)
+    cos, sin = model.gpt_neox.rotary_emb(x, positions)
+    q = torch.zeros(1, 1, 40, 32)
+    q[..., d // 2 - 1] = 1.0  # the pi pair: dimensions d/2 - 1 and d - 1
+    q_rot, k_rot = apply_rotary_pos_emb(q, q.clone(), cos, sin)
+    scores = (q_rot[0, 0] @ k_rot[0, 0].T)  # (40, 40)
+    distance = positions[0][:, None] - positions[0][None, :]
+    expected = 1.0 - 2.0 * (distance.abs() % 2).float()
+    assert torch.allclose(scores, expected, atol=1e-4)
+    with pytest.raises(ValueError, match="at least 4 rotary dimensions"):
+        parity_rope_theta(8, 0.25)
+
+
+def test_tokfsm_presets_use_the_parity_rotary_base():
+    from codebook_lens.fsm import parity_rope_theta
+    from codebook_lens.tokfsm import build_base, load_fsm_config
+
+    fsm = FSM.random(12, 3, 10, seed=0)
+    cfg = load_fsm_config("cpu", ["net.layers=1", "net.hidden=32", "net.heads=2"])
+    assert cfg.net.parity_rotary and load_fsm_config("demo").net.parity_rotary
+    model = build_base(cfg, fsm, 0)
+    assert model.config.rope_parameters["rope_theta"] == pytest.approx(
+        parity_rope_theta(16, 1.0)
+    )
+    paper = load_fsm_config("paper", ["net.layers=1", "net.hidden=32", "net.heads=2"])
+    assert not paper.net.parity_rotary
+    assert build_base(paper, fsm, 0).config.rope_parameters["rope_theta"] == 10000.0

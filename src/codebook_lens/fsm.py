@@ -220,6 +220,20 @@ class FSMData:
         return [clean.batch(self.eval_seed, i, batch_size) for i in range(count)]
 
 
+def parity_rope_theta(head_dim: int, rotary_fraction: float) -> float:
+    """The rotary base whose fastest frequency is pi radians per token.
+
+    GPT-NeoX rotates pair i of its ``d = int(head_dim * rotary_fraction)`` rotary
+    dimensions by ``theta ** (-2i / d)`` radians per token; with
+    ``theta = pi ** (-d / (d - 2))`` the frequencies rise from 1 to pi, and the pi pair
+    contributes ``(-1) ** distance`` to a query-key score: the parity of the distance,
+    which is what tells a TokFSM state's first digit from its second."""
+    d = int(head_dim * rotary_fraction)
+    if d < 4:
+        raise ValueError(f"parity rotary needs at least 4 rotary dimensions per head, got {d}")
+    return math.pi ** (-d / (d - 2))
+
+
 def neox_config(
     fsm: FSM,
     layers: int = 4,
@@ -228,11 +242,16 @@ def neox_config(
     mlp: int = 512,
     seq_len: int = 128,
     rotary_fraction: float = 0.25,
+    rope_theta: float = 10000.0,
 ):
     """A GPT-NeoX config for ``fsm``'s vocabulary (the paper's model: 4 x 128, 4 heads).
 
     ``rotary_fraction``: the share of each head's dimensions that get rotary position
-    embeddings (GPT-NeoX's default is 0.25)."""
+    embeddings (GPT-NeoX's default is 0.25). ``rope_theta``: the rotary base; rotary
+    pair i turns by ``rope_theta ** (-2i / d)`` radians per token (d rotary dimensions),
+    so the default's frequencies fall from 1 rad per token, and a base below 1 makes
+    them rise from 1 rad instead (``math.pi ** (-d / (d - 2))`` puts the fastest at pi,
+    where a query and a key score the parity of their distance)."""
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(
@@ -248,7 +267,7 @@ def neox_config(
         tie_word_embeddings=False,
         rope_parameters={
             "rope_type": "default",
-            "rope_theta": 10000.0,
+            "rope_theta": rope_theta,
             "partial_rotary_factor": rotary_fraction,
         },
     )

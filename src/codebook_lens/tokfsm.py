@@ -39,7 +39,7 @@ from .config import (
     from_dict,
     to_dict,
 )
-from .fsm import FSM, FSMData, lm_metrics, neox_config, state_metrics
+from .fsm import FSM, FSMData, lm_metrics, neox_config, parity_rope_theta, state_metrics
 from .model import CodebookModel
 from .train import TrainData, train
 
@@ -98,6 +98,10 @@ class NetSection:
     heads: int = 4
     mlp: int = 512
     rotary_fraction: float = 0.25
+    rope_theta: float = 10000.0
+    # rotary base chosen so that the fastest frequency is pi (overrides rope_theta):
+    # heads can score the parity of a distance, i.e. which digit of a state a token is
+    parity_rotary: bool = False
 
 
 @dataclasses.dataclass
@@ -161,9 +165,11 @@ class FSMExperimentConfig:
 PRESETS: dict[str, dict] = {
     # sized for a 2-core CPU: under an hour end to end (measured figures in the README)
     "cpu": {
-        "net": {"rotary_fraction": 1.0},
+        # parity rotary: base state accuracy 99.8% after 2,000 steps against 59.5%
+        # with GPT-NeoX's rotary base (measured, README)
+        "net": {"rotary_fraction": 1.0, "parity_rotary": True},
         "base": {
-            "steps": 12000,
+            "steps": 8000,
             "batch_size": 32,
             "lr": 3e-3,
             "warmup_steps": 100,
@@ -174,9 +180,6 @@ PRESETS: dict[str, dict] = {
         "codebook": {
             "steps": 800,
             "batch_size": 32,
-            # 8,192 codes per MLP: codebook state accuracy 80.4% against 73.9% with 2,048
-            # (the layer-3 MLP codebook costs the most), 5 more minutes (measured)
-            "mlp_num_codes": 8192,
             "eval_every": 200,
             "log_every": 25,
             "checkpoint_every": 200,
@@ -184,7 +187,7 @@ PRESETS: dict[str, dict] = {
     },
     # the demo: the cpu preset's task and model on a shorter budget (under 15 minutes)
     "demo": {
-        "net": {"rotary_fraction": 1.0},
+        "net": {"rotary_fraction": 1.0, "parity_rotary": True},
         "base": {
             "steps": 2000,
             "batch_size": 32,
@@ -338,8 +341,18 @@ def build_base(cfg: FSMExperimentConfig, fsm: FSM, seed: int):
 
     torch.manual_seed(seed)
     net = cfg.net
+    theta = net.rope_theta
+    if net.parity_rotary:
+        theta = parity_rope_theta(net.hidden // net.heads, net.rotary_fraction)
     config = neox_config(
-        fsm, net.layers, net.hidden, net.heads, net.mlp, cfg.task.seq_len, net.rotary_fraction
+        fsm,
+        net.layers,
+        net.hidden,
+        net.heads,
+        net.mlp,
+        cfg.task.seq_len,
+        net.rotary_fraction,
+        theta,
     )
     return AutoModelForCausalLM.from_config(config)
 
