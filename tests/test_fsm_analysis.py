@@ -105,6 +105,34 @@ def test_best_code_and_neuron_precision_hand_computed():
     assert res["neuron_precision_hidden"] >= res["neuron_precision"]
 
 
+def test_trigram_code_and_neuron_precision_hand_computed():
+    fsm = FSM.random(100, 10, 10, seed=0)
+    # first digits: row 0 BOS,3 (class 1003) and 37,1 (371); row 1 BOS,3 (1003) and 37,2 (372)
+    tok = tokens_of([10, 3, 7, 1, 2], [10, 3, 7, 2, 5])
+    codes = torch.zeros(2, 5, 1, 1, dtype=torch.long)
+    codes[0, 1] = codes[1, 1] = 1  # BOS then 3, both rows: precision 1, recall 1
+    codes[0, 3] = codes[1, 3] = 2  # 37 then 1 and 37 then 2: precision 1/2 for each
+    codes[:, 2] = codes[:, 4] = 3  # last digits are not trigram positions: never counted
+    best = A.best_codes_per_state(fsm, tok, {"k": codes}, {"k": 4}, trigram=True)
+    assert len(best) == 101 * 10
+    assert best[1003] == {"f1": 1.0, "precision": 1.0, "recall": 1.0, "key": "k", "code": 1}
+    assert best[371]["precision"] == 0.5 and best[371]["recall"] == 1.0
+    assert best[372]["precision"] == 0.5
+    # a neuron 0 at BOS-3, 4 at 37-1, 1 at 37-2: at recall 1 for 371 its threshold 4 fires
+    # on 371 only; for 372 (threshold 1) it fires on 371 and 372, the -neuron on all four
+    acts = torch.zeros(2, 5, 1)
+    acts[0, 3, 0], acts[1, 3, 0] = 4.0, 1.0
+    res = A.state_classification(fsm, tok, {"k": codes}, {"k": 4}, {"layer1_attn": acts}, True)
+    by_class = {p["state"]: p for p in res["per_state"]}
+    assert sorted(by_class) == [371, 372, 1003]
+    assert by_class[371]["neuron"]["precision"] == 1.0
+    assert by_class[372]["neuron"]["precision"] == pytest.approx(1 / 2)
+    # 1003 (value 0 twice): the -neuron (0, 0, -4, -1) at threshold 0 fires on them only
+    assert by_class[1003]["neuron"]["precision"] == 1.0
+    assert res["code_precision"] == pytest.approx((1.0 + 0.5 + 0.5) / 3)
+    assert res["neuron_precision"] == pytest.approx((1.0 + 0.5 + 1.0) / 3)
+
+
 def test_jensen_shannon_hand_computed():
     p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.5, 0.5]])
     q = torch.tensor([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
@@ -320,6 +348,8 @@ def test_fsm_command_end_to_end(tmp_path, capsys):
         "base.valid_mass_after_jump",
         "codebook.valid_mass_after_jump",
         "codebook.shifted_state_accuracy",
+        "trigram_code_precision",
+        "trigram_neuron_precision",
     ):
         assert key in metrics, key
     for key, value in metrics.items():

@@ -99,6 +99,12 @@ def _print_fsm_summary(m: dict, out: str) -> None:
         f"  {'state precision':<22}{'neuron ' + pct('neuron_precision').strip():>10}"
         f"{'code ' + pct('code_precision').strip():>12}"
     )
+    if "trigram_code_precision" in m:
+        print(
+            f"  {'state+digit precision':<22}"
+            f"{'neuron ' + pct('trigram_neuron_precision').strip():>10}"
+            f"{'code ' + pct('trigram_code_precision').strip():>12}"
+        )
     for sites in ("mlp", "all"):
         if f"jsd.{sites}" in m:
             label = f"JSD after swap ({sites})"

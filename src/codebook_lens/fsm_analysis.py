@@ -187,18 +187,32 @@ def purity_all_inputs(model: CodebookModel, fsm: FSM) -> dict[str, dict]:
 # state classification: codes vs neurons
 
 
+def _class_labels(fsm: FSM, tokens: torch.Tensor, trigram: bool) -> tuple[torch.Tensor, int]:
+    """Per-position class labels and the number of classes: states at last digits, or
+    (previous state or BOS, digit) at first digits (:func:`position_labels`)."""
+    bigram, tri = position_labels(fsm, tokens)
+    if trigram:
+        return tri, (fsm.num_states + 1) * fsm.base
+    return bigram, fsm.num_states
+
+
 def best_codes_per_state(
-    fsm: FSM, tokens: torch.Tensor, codes: dict[str, torch.Tensor], num_codes: dict[str, int]
+    fsm: FSM,
+    tokens: torch.Tensor,
+    codes: dict[str, torch.Tensor],
+    num_codes: dict[str, int],
+    trigram: bool = False,
 ) -> list[dict]:
     """For each state, the code (of any codebook) that best classifies it, by F1.
 
     Positions are the last digits of states; a code "predicts" state s when it fires
     there. Returns one dict per state: precision, recall, f1, key, code (g * C + id).
+    ``trigram=True``: the classes are state plus next digit, at first digits (class
+    ``prev * base + digit``, ``prev = num_states`` for BOS).
     """
-    bigram, _ = position_labels(fsm, tokens)
-    mask = bigram >= 0
-    states = bigram[mask]
-    n = fsm.num_states
+    labels, n = _class_labels(fsm, tokens, trigram)
+    mask = labels >= 0
+    states = labels[mask]
     state_total = torch.bincount(states, minlength=n).double()
     best: list[dict] = [{"f1": -1.0} for _ in range(n)]
     for key, ids in codes.items():
@@ -271,23 +285,28 @@ def _mlp_activation(base, layer: int):
 
 
 def neuron_precision_at_recall(
-    fsm: FSM, tokens: torch.Tensor, acts: dict[str, torch.Tensor], recalls: list[float]
+    fsm: FSM,
+    tokens: torch.Tensor,
+    acts: dict[str, torch.Tensor],
+    recalls: list[float],
+    trigram: bool = False,
 ) -> list[dict]:
     """For each state s, the best single neuron as a classifier at recall ``recalls[s]``.
 
     Each neuron (either sign) is thresholded at the value that ``recalls[s]`` of the
     positions of state s reach; its precision is the fraction of all positions over
     the threshold that are state s. Returns per state: precision, neuron name, index.
+    ``trigram=True``: the classes of :func:`best_codes_per_state` with ``trigram``.
     """
-    bigram, _ = position_labels(fsm, tokens)
-    mask = bigram >= 0
-    states = bigram[mask]
+    labels, _ = _class_labels(fsm, tokens, trigram)
+    mask = labels >= 0
+    states = labels[mask]
     names = list(acts)
     widths = [acts[n].shape[-1] for n in names]
     matrix = torch.cat([acts[n][mask] for n in names], dim=1)  # (M, F)
     matrix = torch.cat([matrix, -matrix], dim=1)
     results = []
-    for s in range(fsm.num_states):
+    for s in range(len(recalls)):
         pos = states == s
         n_pos = int(pos.sum())
         if n_pos == 0 or recalls[s] <= 0:
@@ -323,23 +342,29 @@ def state_classification(
     codes: dict[str, torch.Tensor],
     num_codes: dict[str, int],
     base_acts: dict[str, torch.Tensor],
+    trigram: bool = False,
 ) -> dict:
     """Mean over states of the best code's precision and of the best neuron's precision
     at the same recall (paper: codes 97.1%, neurons 70.5%).
 
     ``neuron_precision`` reads the neurons the paper names, the attention and MLP
     outputs of every layer; ``neuron_precision_hidden`` adds the MLP hidden units
-    (``*_hidden`` entries of ``base_acts``), a stronger baseline."""
-    per_code = best_codes_per_state(fsm, tokens, codes, num_codes)
+    (``*_hidden`` entries of ``base_acts``), a stronger baseline.
+
+    ``trigram=True`` classifies state plus next digit at first digits instead (1,010
+    classes for 100 states, more than a layer's 128 outputs: where superposition
+    bites); means are over the classes that occur, and only the output neurons are
+    read (``neuron_precision_hidden`` equals ``neuron_precision``)."""
+    per_code = best_codes_per_state(fsm, tokens, codes, num_codes, trigram)
     recalls = [c.get("recall", 0.0) for c in per_code]
     outputs = {k: v for k, v in base_acts.items() if not k.endswith("_hidden")}
-    per_neuron = neuron_precision_at_recall(fsm, tokens, outputs, recalls)
+    per_neuron = neuron_precision_at_recall(fsm, tokens, outputs, recalls, trigram)
     per_hidden = (
         neuron_precision_at_recall(fsm, tokens, base_acts, recalls)
-        if len(outputs) < len(base_acts)
+        if len(outputs) < len(base_acts) and not trigram
         else per_neuron
     )
-    states = [s for s in range(fsm.num_states) if recalls[s] > 0]
+    states = [s for s in range(len(recalls)) if recalls[s] > 0]
 
     def mean(values):
         return sum(values) / max(1, len(values))

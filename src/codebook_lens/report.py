@@ -255,6 +255,7 @@ def fsm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
         f"<b>{100 * sc['neuron_precision']:.1f}%</b>; with the MLP hidden units as neurons "
         f"too: {100 * sc.get('neuron_precision_hidden', float('nan')):.1f}% (paper: codes "
         "97.1%, neurons 70.5%).</p>",
+        _trigram_note(details.get("trigram_classification")),
         precision_plot(sc["per_state"]),
         "<h2>Interventions</h2>",
         "<p class='note'>Codes on the source state's digits (state codes) and on the next "
@@ -283,3 +284,15 @@ def fsm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
     path = run_dir / "report.html"
     path.write_text("\n".join(parts))
     return path
+
+
+def _trigram_note(tc: dict | None) -> str:
+    """The state-plus-digit classification line (absent in runs analysed before it)."""
+    if not tc:
+        return ""
+    return (
+        f"<p>State plus next digit (at first digits; {tc['states']} classes occur, more "
+        "than a layer's outputs): best code "
+        f"<b>{100 * tc['code_precision']:.1f}%</b> at recall {100 * tc['code_recall']:.1f}%, "
+        f"best output neuron at that recall <b>{100 * tc['neuron_precision']:.1f}%</b>.</p>"
+    )

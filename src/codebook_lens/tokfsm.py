@@ -66,6 +66,11 @@ METRIC_KEYS = {
     "neuron_precision": "mean over states of the best base-model neuron's precision at "
     "the code's recall; neurons: attention and MLP outputs of every layer, either sign",
     "neuron_precision_hidden": "the same with the MLP hidden units as neurons too",
+    "trigram_code_precision": "the same as code_precision for state plus next digit (at "
+    "first digits; 1,010 classes): the best code's precision, mean over classes",
+    "trigram_code_recall": "mean recall of those codes",
+    "trigram_neuron_precision": "the best attention/MLP output neuron's precision at the "
+    "trigram code's recall, mean over classes",
     "jsd.<site set>": "intervention JSD to the target state's successors, / no intervention; "
     "state and state-plus-digit codes swapped (paper Figure 2)",
     "jsd_state_only.<site set>": "the same with only the state's own codes swapped",
@@ -476,9 +481,14 @@ def run(cfg: FSMExperimentConfig, out: str | Path, log=print) -> dict:
             metrics[f"{prefix}.{site}.{layer}"] = values[field]
     acts = A.neuron_activations(base, tokens)
     classification = A.state_classification(fsm, tokens, codes, num_codes, acts)
+    tri_classification = A.state_classification(
+        fsm, tokens, codes, num_codes, acts, trigram=True
+    )
     del acts
     for key in ("code_precision", "code_recall", "neuron_precision", "neuron_precision_hidden"):
         metrics[key] = classification[key]
+    for key in ("code_precision", "code_recall", "neuron_precision"):
+        metrics[f"trigram_{key}"] = tri_classification[key]
     interventions, state_only = A.intervention_jsd_variants(
         cb_model, fsm, site_sets(cb_model), a.pairs, a.prefix_states, a.seed, (True, False)
     )
@@ -499,6 +509,7 @@ def run(cfg: FSMExperimentConfig, out: str | Path, log=print) -> dict:
     details = {
         "purity": {"all_inputs": pur_inputs, "walks": pur},
         "state_classification": classification,
+        "trigram_classification": tri_classification,
         "interventions": interventions,
         "interventions_state_only": state_only,
         "frequency": freq_summary,
