@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from codebook_lens.fsm import FSM
-from codebook_lens.fsm_analysis import next_state_distribution
-from codebook_lens.model import CodebookModel
+from codebook_lens.loading import load_codebook_model
+from codebook_lens.tokfsm import walk_valid_mass
 
 
 def main() -> None:
@@ -34,36 +34,25 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON file (default: benchmarks/…-latest.json)")
     args = ap.parse_args()
 
-    run = Path(args.model).resolve().parent.parent
-    fsm_path = Path(args.fsm) if args.fsm else run / "fsm.json"
-    if not fsm_path.is_file():
-        raise SystemExit(f"no machine for {args.model}: {fsm_path} is missing (pass --fsm)")
-    fsm = FSM.load(fsm_path)
-    base = CodebookModel.from_pretrained(run / "base" / "model").eval()
-    if Path(args.model).resolve() == (run / "base" / "model").resolve():
-        model = base
-    else:  # a codebook stage saved on a frozen base: its codes load onto the base
-        model = CodebookModel.from_pretrained(args.model, base_model=base.model).eval()
+    loaded = load_codebook_model(args.model)
+    model, fsm = loaded.model, loaded.fsm
+    if args.fsm:
+        fsm = FSM.load(args.fsm)
+    if fsm is None:
+        raise SystemExit(f"{args.model} is not a stage of a TokFSM run (no fsm.json); pass --fsm")
     length = args.at + max(args.after) + 1
     gen = torch.Generator().manual_seed(args.seed)
     jumps = torch.zeros(args.walks, length, dtype=torch.bool)
     jumps[:, args.at] = True
     walks = {"without jump": fsm.walks(args.walks, length, gen)}
     walks["with jump"] = fsm.walks(args.walks, length, gen, jumps)
-    adj = fsm.adjacency().float()
     rows: dict[str, list[float]] = {}
     print(f"{'states after the jump':<22}" + "".join(f"{a:>9}" for a in args.after))
-    with torch.no_grad():
-        for name, w in walks.items():
-            rows[name] = []
-            for a in args.after:
-                end = args.at + a
-                prefix = torch.cat(
-                    [torch.full((args.walks, 1), fsm.bos), fsm.encode_states(w[:, : end + 1])], 1
-                )
-                p = next_state_distribution(model, fsm, prefix)
-                rows[name].append(float((p * adj[w[:, end]]).sum(1).mean()))
-            print(f"{name:<22}" + "".join(f"{100 * v:8.2f}%" for v in rows[name]), flush=True)
+    for name, w in walks.items():
+        rows[name] = [
+            float(walk_valid_mass(model, fsm, w[:, : args.at + a + 1]).mean()) for a in args.after
+        ]
+        print(f"{name:<22}" + "".join(f"{100 * v:8.2f}%" for v in rows[name]), flush=True)
     out = Path(args.out or Path(__file__).with_name("tokfsm-recovery-latest.json"))
     out.write_text(
         json.dumps(

@@ -113,18 +113,22 @@ def load_codebook_model(model_dir: str | Path, dtype: torch.dtype | None = None)
     directory = Path(model_dir)
     meta = read_config(directory)  # clear error when this is not a saved codebook model
     kwargs = {} if dtype is None else {"dtype": dtype}
+    # a stage of a TokFSM run (RUN/base/model or RUN/codebook/model, the machine in
+    # RUN/fsm.json); a frozen-base codebook stage takes its base from RUN/base/model
+    run = directory.parent.parent
+    fsm_base = directory / BASE_DIR
+    if not (fsm_base / "config.json").is_file():
+        fsm_base = run / "base" / "model" / BASE_DIR
+    if (run / "fsm.json").is_file() and (fsm_base / "config.json").is_file():
+        from .fsm import FSM
+
+        fsm = FSM.load(run / "fsm.json")
+        base = AutoModelForCausalLM.from_pretrained(str(fsm_base), **kwargs)
+        model = CodebookModel.from_pretrained(directory, base_model=base).eval()
+        return Loaded(model, DigitCodec(fsm.base), str(directory), "tokfsm", fsm=fsm)
     if (directory / BASE_DIR / "config.json").is_file():
         base_dir = directory / BASE_DIR
     else:
-        run = directory.parent.parent
-        fsm_base = run / "base" / "model" / BASE_DIR
-        if (run / "fsm.json").is_file() and (fsm_base / "config.json").is_file():
-            from .fsm import FSM
-
-            fsm = FSM.load(run / "fsm.json")
-            base = AutoModelForCausalLM.from_pretrained(str(fsm_base), **kwargs)
-            model = CodebookModel.from_pretrained(directory, base_model=base).eval()
-            return Loaded(model, DigitCodec(fsm.base), str(directory), "tokfsm", fsm=fsm)
         named = meta.get("base_name_or_path") or ""
         if named and (Path(named) / "config.json").is_file():
             base_dir = Path(named)

@@ -410,13 +410,23 @@ def valid_transition_mass(
             jumps = torch.zeros(per_length, length, dtype=torch.bool)
             jumps[:, -1] = True
         walks = fsm.walks(per_length, length, gen, jumps)
-        prefixes = torch.cat(
-            [torch.full((per_length, 1), fsm.bos), fsm.encode_states(walks)], dim=1
-        )
-        p = A.next_state_distribution(model, fsm, prefixes)
-        total += float((p * adj[walks[:, -1]]).sum())
+        total += float(walk_valid_mass(model, fsm, walks, adj).sum())
         count += per_length
     return total / count
+
+
+@torch.no_grad()
+def walk_valid_mass(
+    model, fsm: FSM, walks: torch.Tensor, adj: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per walk (rows of states), the probability the model, reading BOS and the walk,
+    gives to the successors of the walk's last state (teacher-forced)."""
+    adj = fsm.adjacency().float() if adj is None else adj
+    prefixes = torch.cat(
+        [torch.full((walks.shape[0], 1), fsm.bos), fsm.encode_states(walks)], dim=1
+    )
+    p = A.next_state_distribution(model, fsm, prefixes)
+    return (p * adj[walks[:, -1]]).sum(1)
 
 
 def site_sets(model: CodebookModel) -> dict[str, list[str]]:
