@@ -353,15 +353,14 @@ def state_classification(
 
     ``trigram=True`` classifies state plus next digit at first digits instead (1,010
     classes for 100 states, more than a layer's 128 outputs: where superposition
-    bites); means are over the classes that occur, and only the output neurons are
-    read (``neuron_precision_hidden`` equals ``neuron_precision``)."""
+    bites); means are over the classes that occur."""
     per_code = best_codes_per_state(fsm, tokens, codes, num_codes, trigram)
     recalls = [c.get("recall", 0.0) for c in per_code]
     outputs = {k: v for k, v in base_acts.items() if not k.endswith("_hidden")}
     per_neuron = neuron_precision_at_recall(fsm, tokens, outputs, recalls, trigram)
     per_hidden = (
-        neuron_precision_at_recall(fsm, tokens, base_acts, recalls)
-        if len(outputs) < len(base_acts) and not trigram
+        neuron_precision_at_recall(fsm, tokens, base_acts, recalls, trigram)
+        if len(outputs) < len(base_acts)
         else per_neuron
     )
     states = [s for s in range(len(recalls)) if recalls[s] > 0]

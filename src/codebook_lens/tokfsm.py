@@ -491,10 +491,12 @@ def run(cfg: FSMExperimentConfig, out: str | Path, log=print) -> dict:
             metrics[f"{prefix}.{site}.{layer}"] = values[field]
     acts = A.neuron_activations(base, tokens)
     classification = A.state_classification(fsm, tokens, codes, num_codes, acts)
+    outputs = {k: v for k, v in acts.items() if not k.endswith("_hidden")}
+    del acts  # state plus digit: the output neurons only (hidden units triple its cost)
     tri_classification = A.state_classification(
-        fsm, tokens, codes, num_codes, acts, trigram=True
+        fsm, tokens, codes, num_codes, outputs, trigram=True
     )
-    del acts
+    del outputs
     for key in ("code_precision", "code_recall", "neuron_precision", "neuron_precision_hidden"):
         metrics[key] = classification[key]
     for key in ("code_precision", "code_recall", "neuron_precision"):
