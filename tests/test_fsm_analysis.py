@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from codebook_lens import fsm_analysis as A
+from codebook_lens import fsm_classify as C
 from codebook_lens.codebook import Codebook, CodebookConfig
 from codebook_lens.fsm import FSM
 
@@ -74,7 +75,7 @@ def test_best_code_and_neuron_precision_hand_computed():
     codes[0, 4] = 1  # 37
     codes[1, 2] = 1  # 12 -> code 1 has precision 2/3, recall 1 for state 37
     codes[1, 4] = 2  # 15
-    best = A.best_codes_per_state(fsm, tok, {"k": codes}, {"k": 4})
+    best = C.best_codes_per_state(fsm, tok, {"k": codes}, {"k": 4})
     assert best[37]["precision"] == pytest.approx(2 / 3) and best[37]["recall"] == 1.0
     assert best[15]["precision"] == 1.0 and best[15]["recall"] == 1.0
     # a neuron equal to 3, 1, 2, 0 on those positions (37, 37, 12, 15), at recall 1 for 37:
@@ -84,19 +85,19 @@ def test_best_code_and_neuron_precision_hand_computed():
     recalls = [0.0] * 100
     recalls[37] = 1.0
     recalls[12] = 1.0
-    res = A.neuron_precision_at_recall(fsm, tok, {"layer0_mlp": acts}, recalls)
+    res = C.neuron_precision_at_recall(fsm, tok, {"layer0_mlp": acts}, recalls)
     assert res[37]["precision"] == pytest.approx(2 / 3)
     # state 12 (value 2): +neuron at threshold 2 fires on 37(3) and 12(2): 1/2;
     # -neuron at threshold -2 fires on values <= 2: 12, 15, 37(1): 1/3 -> best is 1/2
     assert res[12]["precision"] == pytest.approx(1 / 2)
     assert res[12]["neuron"] == "+layer0_mlp[0]"
     recalls[37] = 0.5
-    res = A.neuron_precision_at_recall(fsm, tok, {"layer0_mlp": acts}, recalls)
+    res = C.neuron_precision_at_recall(fsm, tok, {"layer0_mlp": acts}, recalls)
     assert res[37]["precision"] == 1.0
     # state_classification: the paper's neurons (outputs) and, separately, hidden units
     hidden = torch.zeros(2, 5, 1)
     hidden[0, 2, 0] = hidden[0, 4, 0] = 5.0  # fires on 37 only
-    res = A.state_classification(
+    res = C.state_classification(
         fsm, tok, {"k": codes}, {"k": 4}, {"layer0_mlp": acts, "layer0_mlp_hidden": hidden}
     )
     by_state = {p["state"]: p for p in res["per_state"]}
@@ -113,7 +114,7 @@ def test_trigram_code_and_neuron_precision_hand_computed():
     codes[0, 1] = codes[1, 1] = 1  # BOS then 3, both rows: precision 1, recall 1
     codes[0, 3] = codes[1, 3] = 2  # 37 then 1 and 37 then 2: precision 1/2 for each
     codes[:, 2] = codes[:, 4] = 3  # last digits are not trigram positions: never counted
-    best = A.best_codes_per_state(fsm, tok, {"k": codes}, {"k": 4}, trigram=True)
+    best = C.best_codes_per_state(fsm, tok, {"k": codes}, {"k": 4}, trigram=True)
     assert len(best) == 101 * 10
     assert best[1003] == {"f1": 1.0, "precision": 1.0, "recall": 1.0, "key": "k", "code": 1}
     assert best[371]["precision"] == 0.5 and best[371]["recall"] == 1.0
@@ -122,7 +123,7 @@ def test_trigram_code_and_neuron_precision_hand_computed():
     # on 371 only; for 372 (threshold 1) it fires on 371 and 372, the -neuron on all four
     acts = torch.zeros(2, 5, 1)
     acts[0, 3, 0], acts[1, 3, 0] = 4.0, 1.0
-    res = A.state_classification(fsm, tok, {"k": codes}, {"k": 4}, {"layer1_attn": acts}, True)
+    res = C.state_classification(fsm, tok, {"k": codes}, {"k": 4}, {"layer1_attn": acts}, True)
     by_class = {p["state"]: p for p in res["per_state"]}
     assert sorted(by_class) == [371, 372, 1003]
     assert by_class[371]["neuron"]["precision"] == 1.0

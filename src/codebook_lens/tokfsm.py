@@ -3,7 +3,8 @@
 Trains a GPT-NeoX on random walks of a finite state machine (the base model), then a
 codebook model initialised from it (codebooks on every attention head and MLP,
 k = 1), both with the project's training loop; then measures both models and runs
-every analysis of :mod:`codebook_lens.fsm_analysis`. The run directory holds:
+every analysis of :mod:`codebook_lens.fsm_analysis` and
+:mod:`codebook_lens.fsm_classify`. The run directory holds:
 
 - ``fsm.json``: the state machine;
 - ``base/`` and ``codebook/``: each stage's training output (``metrics.jsonl``,
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import fsm_analysis as A
+from . import fsm_classify as C
 from .config import (
     CheckpointSection,
     CodebooksSection,
@@ -489,11 +491,11 @@ def run(cfg: FSMExperimentConfig, out: str | Path, log=print) -> dict:
         for key, values in table.items():
             site, layer = cb_model.placement[key]
             metrics[f"{prefix}.{site}.{layer}"] = values[field]
-    acts = A.neuron_activations(base, tokens)
-    classification = A.state_classification(fsm, tokens, codes, num_codes, acts)
+    acts = C.neuron_activations(base, tokens)
+    classification = C.state_classification(fsm, tokens, codes, num_codes, acts)
     outputs = {k: v for k, v in acts.items() if not k.endswith("_hidden")}
     del acts  # state plus digit: the output neurons only (hidden units triple its cost)
-    tri_classification = A.state_classification(
+    tri_classification = C.state_classification(
         fsm, tokens, codes, num_codes, outputs, trigram=True
     )
     del outputs
