@@ -56,7 +56,13 @@ def main() -> None:
     out = Path(args.out or Path(__file__).with_name("tokfsm-recovery-latest.json"))
     out.write_text(
         json.dumps(
-            {"model": args.model, "walks": args.walks, "at": args.at, "after": args.after, "rows": rows},
+            {
+                "model": args.model,
+                "walks": args.walks,
+                "at": args.at,
+                "after": args.after,
+                "rows": rows,
+            },
             indent=2,
         )
     )
