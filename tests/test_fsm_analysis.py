@@ -367,6 +367,13 @@ def test_fsm_command_end_to_end(tmp_path, capsys):
     assert "loading the trained model" in capsys.readouterr().out
     again = json.loads((out / "metrics.json").read_text())
     assert again["codebook.lm_loss"] == metrics["codebook.lm_loss"]
+    # a moved run is the same run; a changed codebook setting retrains that stage only
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    assert main(["fsm", "--preset", "cpu", "--out", str(moved), *tiny, "codebook.k=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "base: loading the trained model" in printed
+    assert "codebook: settings changed" in printed
 
 
 def test_fsm_command_rejects_bad_settings(capsys):

@@ -319,9 +319,11 @@ def _stage(
     there; resume it from its last checkpoint when an unfinished one is)."""
     tcfg = stage_config(cfg, name, out)
     stage_dir = out / name
-    fingerprint = {"train": to_dict(tcfg), "task": to_dict(cfg.task), "net": to_dict(cfg.net)}
+    fingerprint = _fingerprint(
+        {"train": to_dict(tcfg), "task": to_dict(cfg.task), "net": to_dict(cfg.net)}
+    )
     stamp = stage_dir / "stage.json"
-    if stamp.exists() and json.loads(stamp.read_text()) != fingerprint:
+    if stamp.exists() and _fingerprint(json.loads(stamp.read_text())) != fingerprint:
         log(f"{name}: settings changed since the last run in {stage_dir}; training afresh")
         shutil.rmtree(stage_dir)
     model_dir = stage_dir / "model"
@@ -340,6 +342,12 @@ def _stage(
     seconds = time.perf_counter() - t0
     done.write_text(json.dumps({"seconds": seconds}))
     return CodebookModel.from_pretrained(model_dir, base_model=pristine).eval(), seconds
+
+
+def _fingerprint(stage: dict) -> dict:
+    """A stage's settings without where it lives: a moved or copied run reuses its models."""
+    train = {k: v for k, v in stage.get("train", {}).items() if k != "output_dir"}
+    return {**stage, "train": train}
 
 
 def build_base(cfg: FSMExperimentConfig, fsm: FSM, seed: int):
