@@ -104,6 +104,18 @@ def test_best_code_and_neuron_precision_hand_computed():
     assert by_state[37]["neuron"]["precision"] == pytest.approx(2 / 3)
     assert by_state[37]["neuron_hidden"] == {"precision": 1.0, "neuron": "+layer0_mlp_hidden[0]"}
     assert res["neuron_precision_hidden"] >= res["neuron_precision"]
+    # codes at recall 1 for every state: the full-recall neurons are the matched ones
+    assert res["neuron_precision_full_recall"] == pytest.approx(res["neuron_precision"])
+    # a code on one of 37's two positions only (precision 1, recall 1/2): the neuron at
+    # that recall is 1/1 (threshold 3), at recall 1 still 2/3 (threshold 1)
+    half = codes.clone()
+    half[0, 4] = 3
+    res = C.state_classification(fsm, tok, {"k": half}, {"k": 4}, {"layer0_mlp": acts})
+    by_state = {p["state"]: p for p in res["per_state"]}
+    assert by_state[37]["code"]["recall"] == 0.5 and by_state[37]["code"]["precision"] == 1.0
+    assert by_state[37]["neuron"]["precision"] == 1.0
+    # states 37, 12, 15 at recall 1: 2/3, 1/2 and 15 (value 0, the lowest): -neuron 1/1
+    assert res["neuron_precision_full_recall"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
 
 
 def test_trigram_code_and_neuron_precision_hand_computed():

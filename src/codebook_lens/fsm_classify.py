@@ -179,6 +179,8 @@ def state_classification(
     ``neuron_precision`` reads the neurons the paper names, the attention and MLP
     outputs of every layer; ``neuron_precision_hidden`` adds the MLP hidden units
     (``*_hidden`` entries of ``base_acts``), a stronger baseline.
+    ``neuron_precision_full_recall`` is the output neurons' precision at recall 1: a
+    perfect code leads the neurons by 1 minus it, so it bounds what codes can gain.
 
     ``trigram=True`` classifies state plus next digit at first digits instead (1,010
     classes for 100 states, more than a layer's 128 outputs: where superposition
@@ -192,6 +194,10 @@ def state_classification(
         if len(outputs) < len(base_acts)
         else per_neuron
     )
+    # the best output neuron when it must catch every position of the class: no code
+    # (precision at most 1) can lead it by more than 1 minus this, whatever its recall
+    full = [1.0 if r > 0 else 0.0 for r in recalls]
+    per_full = neuron_precision_at_recall(fsm, tokens, outputs, full, trigram)
     states = [s for s in range(len(recalls)) if recalls[s] > 0]
 
     def mean(values):
@@ -202,6 +208,7 @@ def state_classification(
         "code_recall": mean([recalls[s] for s in states]),
         "neuron_precision": mean([per_neuron[s]["precision"] for s in states]),
         "neuron_precision_hidden": mean([per_hidden[s]["precision"] for s in states]),
+        "neuron_precision_full_recall": mean([per_full[s]["precision"] for s in states]),
         "states": len(states),
         "per_state": [
             {

@@ -255,6 +255,7 @@ def fsm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
         f"<b>{100 * sc['neuron_precision']:.1f}%</b>; with the MLP hidden units as neurons "
         f"too: {100 * sc.get('neuron_precision_hidden', float('nan')):.1f}% (paper: codes "
         "97.1%, neurons 70.5%).</p>",
+        _ceiling_note(sc),
         _trigram_note(details.get("trigram_classification")),
         precision_plot(sc["per_state"]),
         "<h2>Interventions</h2>",
@@ -284,6 +285,18 @@ def fsm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
     path = run_dir / "report.html"
     path.write_text("\n".join(parts))
     return path
+
+
+def _ceiling_note(sc: dict) -> str:
+    """How far any code could lead: the output neurons at recall 1 (absent in older runs)."""
+    full = sc.get("neuron_precision_full_recall")
+    if full is None:
+        return ""
+    return (
+        "<p class='note'>The best output neuron that catches every position of its state "
+        f"(recall 1) is {100 * full:.1f}% precise, so even a perfect code per state leads "
+        f"the neurons by at most {100 * (1 - full):.1f} points here.</p>"
+    )
 
 
 def _trigram_note(tc: dict | None) -> str:
