@@ -167,7 +167,7 @@ def test_parity_rotary_scores_the_parity_of_a_distance(fraction):
     q = torch.zeros(1, 1, 40, 32)
     q[..., d // 2 - 1] = 1.0  # the pi pair: dimensions d/2 - 1 and d - 1
     q_rot, k_rot = apply_rotary_pos_emb(q, q.clone(), cos, sin)
-    scores = (q_rot[0, 0] @ k_rot[0, 0].T)  # (40, 40)
+    scores = q_rot[0, 0] @ k_rot[0, 0].T  # (40, 40)
     distance = positions[0][:, None] - positions[0][None, :]
     expected = 1.0 - 2.0 * (distance.abs() % 2).float()
     assert torch.allclose(scores, expected, atol=1e-4)
@@ -183,9 +183,7 @@ def test_tokfsm_presets_use_the_parity_rotary_base():
     cfg = load_fsm_config("cpu", ["net.layers=1", "net.hidden=32", "net.heads=2"])
     assert cfg.net.parity_rotary and load_fsm_config("demo").net.parity_rotary
     model = build_base(cfg, fsm, 0)
-    assert model.config.rope_parameters["rope_theta"] == pytest.approx(
-        parity_rope_theta(16, 1.0)
-    )
+    assert model.config.rope_parameters["rope_theta"] == pytest.approx(parity_rope_theta(16, 1.0))
     paper = load_fsm_config("paper", ["net.layers=1", "net.hidden=32", "net.heads=2"])
     assert not paper.net.parity_rotary
     assert build_base(paper, fsm, 0).config.rope_parameters["rope_theta"] == 10000.0

@@ -521,7 +521,12 @@ def run(cfg: FSMExperimentConfig, out: str | Path, log=print) -> dict:
         "neuron_precision_full_recall",
     ):
         metrics[key] = classification[key]
-    for key in ("code_precision", "code_recall", "neuron_precision", "neuron_precision_full_recall"):
+    for key in (
+        "code_precision",
+        "code_recall",
+        "neuron_precision",
+        "neuron_precision_full_recall",
+    ):
         metrics[f"trigram_{key}"] = tri_classification[key]
     interventions, state_only = A.intervention_jsd_variants(
         cb_model, fsm, site_sets(cb_model), a.pairs, a.prefix_states, a.seed, (True, False)
