@@ -513,20 +513,10 @@ def run(cfg: FSMExperimentConfig, out: str | Path, log=print) -> dict:
         fsm, tokens, codes, num_codes, outputs, trigram=True
     )
     del outputs
-    for key in (
-        "code_precision",
-        "code_recall",
-        "neuron_precision",
-        "neuron_precision_hidden",
-        "neuron_precision_full_recall",
-    ):
+    shared = ("code_precision", "code_recall", "neuron_precision", "neuron_precision_full_recall")
+    for key in (*shared, "neuron_precision_hidden"):
         metrics[key] = classification[key]
-    for key in (
-        "code_precision",
-        "code_recall",
-        "neuron_precision",
-        "neuron_precision_full_recall",
-    ):
+    for key in shared:
         metrics[f"trigram_{key}"] = tri_classification[key]
     interventions, state_only = A.intervention_jsd_variants(
         cb_model, fsm, site_sets(cb_model), a.pairs, a.prefix_states, a.seed, (True, False)
