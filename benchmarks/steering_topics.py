@@ -148,7 +148,14 @@ def main() -> None:
     parser.add_argument("cache_dir")
     parser.add_argument("--out", default="runs/steering")
     parser.add_argument("--topics", default=",".join(TOPICS))
-    parser.add_argument("--codes", type=int, default=3)
+    parser.add_argument("--codes", type=int, default=3, help="the N most covering codes")
+    parser.add_argument(
+        "--per-codebook",
+        type=int,
+        default=None,
+        help="instead of --codes: the N most covering codes of every codebook (for models "
+        "with a codebook on every layer, as the paper steers)",
+    )
     parser.add_argument("--min-fraction", type=float, default=0.1)
     parser.add_argument("--max-frequency", type=float, default=0.005)
     parser.add_argument("--samples", type=int, default=8)
@@ -169,8 +176,16 @@ def main() -> None:
             text,
             min_fraction=args.min_fraction,
             max_frequency=args.max_frequency,
-            limit=args.codes,
+            limit=args.codes if args.per_codebook is None else None,
         )
+        if args.per_codebook is not None:  # hits are sorted by coverage: keep each book's first N
+            taken: dict[str, int] = {}
+            kept = []
+            for h in hits:
+                if taken.get(h.ref.codebook, 0) < args.per_codebook:
+                    taken[h.ref.codebook] = taken.get(h.ref.codebook, 0) + 1
+                    kept.append(h)
+            hits = kept
         if not hits:
             rows.append({"topic": name, "codes": [], "note": "no code passed the filters"})
             continue
@@ -198,7 +213,8 @@ def main() -> None:
         )
         print(
             f"{name:<10} baseline {result.baseline_fraction:6.1%}  steered "
-            f"{result.steered_fraction:6.1%}  codes {', '.join(str(c) for c in codes)}",
+            f"{result.steered_fraction:6.1%}  codes "
+            + (", ".join(str(c) for c in codes) if len(codes) <= 5 else f"{len(codes)} codes"),
             flush=True,
         )
     summary = {"settings": vars(args), "prompts": PROMPTS, "topics": rows}

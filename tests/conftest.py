@@ -95,9 +95,10 @@ def tiny_bert_config(**kw):
     )
 
 
-def save_tiny_codebook_model(root):
+def save_tiny_codebook_model(root, outlier_factor: float | None = None):
     """A tiny llama with MLP codebooks (16 codes, k=2) on layers 0 and 1 and per-head
-    codebooks (8 codes, k=1) on layer 1, saved with its base and tokenizer in ROOT/model."""
+    codebooks (8 codes, k=1) on layer 1, saved with its base and tokenizer in ROOT/model.
+    ``outlier_factor`` goes to the MLP codebooks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from codebook_lens.codebook import CodebookConfig
@@ -108,7 +109,11 @@ def save_tiny_codebook_model(root):
     torch.manual_seed(0)
     cfg = CodebookModelConfig(
         [
-            SiteSpec("mlp", CodebookConfig(num_codes=16, k=2), layers=[0, 1]),
+            SiteSpec(
+                "mlp",
+                CodebookConfig(num_codes=16, k=2, outlier_factor=outlier_factor),
+                layers=[0, 1],
+            ),
             SiteSpec("attn_heads", CodebookConfig(num_codes=8, k=1), layers=[1]),
         ]
     )

@@ -64,10 +64,11 @@ def _reference_codes(loaded, seq_len=16):
 
 
 def test_code_dtype_is_the_smallest_that_fits():
-    assert code_dtype(256) == np.uint8
-    assert code_dtype(257) == np.uint16
-    assert code_dtype(65536) == np.uint16
-    assert code_dtype(65537) == np.uint32
+    # ids 0 .. C - 1 and C itself (an empty slot)
+    assert code_dtype(255) == np.uint8
+    assert code_dtype(256) == np.uint16
+    assert code_dtype(65535) == np.uint16
+    assert code_dtype(65536) == np.uint32
 
 
 def test_cache_round_trips_what_the_model_computed(built):
@@ -282,6 +283,47 @@ def test_neuron_baseline_matches_brute_force(built):
         assert s.precision == pytest.approx(best[s.site], abs=1e-9)
         assert s.recall >= recall - 1e-9
     assert scores[0].precision == max(best.values())
+
+
+def test_dense_outliers_are_cached_as_empty_slots(tmp_path):
+    """A codebook with an outlier rule leaves some tokens without codes: the cache stores
+    those slots as id C, and counts, index, regex and topic search skip them."""
+    loaded = load_codebook_model(save_tiny_codebook_model(tmp_path, outlier_factor=1.05))
+    stream = tokenize_stream(DOCS, loaded.codec)
+    with torch.no_grad():  # the reference norm: the median of the first block's norms
+        loaded.model(torch.from_numpy(stream.token_ids[:16].astype(np.int64)).view(1, -1))
+    build_cache(loaded, DOCS, tmp_path / "cache", corpus_name="test", seq_len=16, batch_size=3)
+    cache = CodeCache.open(tmp_path / "cache")
+    _, ref = _reference_codes(loaded)
+    for key in ("layer0_mlp", "layer1_mlp"):
+        info = cache.info(key)
+        empty = (ref[key] < 0).all(axis=-1)[:, 0]
+        assert 0.1 < empty.mean() < 0.9  # tokens on both sides of the rule
+        codes = np.asarray(cache.codes(key), dtype=np.int64)
+        np.testing.assert_array_equal(codes, np.where(ref[key] < 0, info.num_codes, ref[key]))
+        counts = cache.counts(key)
+        assert counts.shape == (1, info.num_codes)
+        for c in range(info.num_codes):
+            scan = np.flatnonzero((codes[:, 0, :] == c).any(axis=1))
+            np.testing.assert_array_equal(cache.occurrences(CodeRef(key, c, 0)), scan)
+            assert counts[0, c] == scan.size
+        assert counts.sum() == 2 * (~empty).sum()  # k = 2 distinct codes per coded token
+    positives = matching_tokens(cache, r"[a-z]+")
+    scores = regex_codes(cache, r"[a-z]+", min_count=1).codes
+    assert scores and all(s.ref.code < cache.info(s.ref.codebook).num_codes for s in scores)
+    for s in scores:
+        fires = np.zeros(cache.num_tokens, dtype=bool)
+        fires[cache.occurrences(s.ref)] = True
+        assert s.count == fires.sum()
+        assert s.precision == pytest.approx((fires & positives).sum() / fires.sum())
+    text = "In March 1950, the old man paints a red apple."
+    ids, got = text_codes(cache, text)
+    hits = topic_codes(cache, text, min_fraction=0.05, max_frequency=1.0, limit=None)
+    assert hits
+    for h in hits:
+        arr = got[h.ref.codebook][:, h.ref.group, :]
+        assert h.ref.code < cache.info(h.ref.codebook).num_codes
+        assert h.hits == int((arr == h.ref.code).any(axis=1).sum())
 
 
 def test_topic_codes_count_coverage(built):

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codebook_lens.codebook import (
+    EMPTY_SLOT,
     Codebook,
     CodebookConfig,
     CodebookLookup,
@@ -334,6 +335,9 @@ def test_kmeans_init_finds_clusters():
         (dict(reconstruction_weight=-1.0), "reconstruction_weight"),
         (dict(commitment_weight=math.nan), "commitment_weight"),
         (dict(chunk_mib=0), "chunk_mib"),
+        (dict(outlier_factor=1.0), "outlier_factor"),
+        (dict(outlier_factor=math.inf), "outlier_factor"),
+        (dict(outlier_factor=True), "outlier_factor"),
     ],
 )
 def test_bad_config_values(kwargs, match):
@@ -379,3 +383,54 @@ def test_kmeans_init_with_k_codes_starts_near_the_activation():
     # the sum of 4 codes approximates the input, not 4 times it
     assert abs(out.output.mean() - samples.mean()) < 0.5  # both near 3 (4 times would be 12)
     assert out.mse < 0.5 * samples.square().mean()
+
+
+def test_outliers_pass_through_dense_with_empty_slots():
+    """Activations over outlier_factor x ref_norm keep their value, hold no code, get the
+    downstream gradient unchanged and stay out of the reconstruction loss."""
+    gen = torch.Generator().manual_seed(0)
+    cb = Codebook(6, CodebookConfig(num_codes=10, k=2, commitment_weight=0.5, outlier_factor=4.0))
+    cb.ref_norm.fill_(2.0)
+    x = torch.randn(12, 6, generator=gen)
+    x = 1.5 * x / x.norm(dim=-1, keepdim=True)  # norm 1.5: quantized
+    x[[2, 7]] *= 6.0  # norm 9 > 4 x 2: dense
+    x.requires_grad_(True)
+    out = cb(x)
+    dense = torch.zeros(12, dtype=torch.bool)
+    dense[[2, 7]] = True
+    assert (out.codes[dense] == EMPTY_SLOT).all() and (out.codes[~dense] >= 0).all()
+    assert torch.equal(out.output[dense], x[dense])
+    ids = topk_codes(x.detach().view(12, 1, 6), cb.weight.detach(), 2, "cosine")
+    assert torch.equal(out.codes[~dense], ids[~dense])
+    w = cb.weight.detach()[0]
+    quantized = w[ids[~dense, 0]].sum(1)
+    assert torch.allclose(out.output[~dense], quantized)
+    mse = F.mse_loss(quantized, x.detach()[~dense])
+    assert out.mse.item() == pytest.approx(mse.item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx(1.5 * mse.item(), rel=1e-6)  # rec + 0.5 commitment
+    assert out.variance.item() == pytest.approx(
+        x.detach()[~dense].var(0, unbiased=False).mean().item(), rel=1e-6
+    )
+    grad = torch.randn(12, 6, generator=gen)
+    (out.output * grad).sum().backward()
+    assert torch.allclose(x.grad, grad)  # straight through, dense rows included
+    assert torch.equal(cb.codes(x.detach()), out.codes)
+
+
+def test_outlier_reference_norm_from_kmeans_or_first_batch():
+    gen = torch.Generator().manual_seed(1)
+    samples = torch.randn(400, 5, generator=gen)
+    samples[:4] *= 1000.0  # attention-sink-like rows
+    cb = Codebook(5, CodebookConfig(num_codes=8, k=1, outlier_factor=8.0))
+    cb.kmeans_init_(samples, generator=gen)
+    assert cb.ref_norm.item() == pytest.approx(samples.norm(dim=-1).median().item())
+    assert cb.weight.detach().norm(dim=-1).max() < 50  # no centroid spent on the outliers
+    assert torch.equal(cb.state_dict()["ref_norm"], cb.ref_norm)
+    fresh = Codebook(5, CodebookConfig(num_codes=8, k=1, outlier_factor=8.0))
+    fresh.load_state_dict(cb.state_dict())
+    assert fresh.ref_norm.item() == cb.ref_norm.item()
+    lazy = Codebook(5, CodebookConfig(num_codes=8, k=1, outlier_factor=8.0))
+    out = lazy(samples)
+    assert lazy.ref_norm.item() == pytest.approx(samples.norm(dim=-1).median().item())
+    assert (out.codes[:4] == EMPTY_SLOT).all() and (out.codes[4:] >= 0).all()
+    assert "ref_norm" not in Codebook(5, CodebookConfig(num_codes=8, k=1)).state_dict()

@@ -86,6 +86,40 @@ def test_save_load_round_trip_is_bit_exact(family, site, with_base, tokens, tmp_
         assert torch.equal(loaded.codebooks[key].usage, cb.usage)
 
 
+def test_outlier_rule_round_trips_and_keeps_outliers_dense(tokens, tmp_path):
+    """The reference norm of an outlier rule is saved with the codes: a loaded model
+    computes the same logits and codes, outliers (no code) included."""
+    base = tiny_model("llama")
+    cfg = CodebookModelConfig(
+        [SiteSpec("mlp", CodebookConfig(num_codes=24, k=2, outlier_factor=1.1), [0, 1])]
+    )
+    model = CodebookModel(base, cfg)
+    seen: dict[int, torch.Tensor] = {}
+    handles = [
+        S.attach(base, "mlp", layer, lambda x, layer=layer: seen.__setitem__(layer, x.detach()))
+        for layer in (0, 1)
+    ]
+    with model.codebooks_disabled():
+        model(tokens)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        cb = model.codebook("mlp", 0)
+        cb.kmeans_init_(seen[0].reshape(-1, seen[0].shape[-1]))
+    out = model(tokens, return_codes=True)
+    empty = (out.codes["layer0_mlp"] < 0).all(-1).squeeze(-1)  # (batch, seq)
+    assert 0 < empty.float().mean() < 1
+    assert model.codebook("mlp", 1).ref_norm > 0  # set by its first batch
+    model.save_pretrained(tmp_path, include_base=True)
+    loaded = CodebookModel.from_pretrained(tmp_path)
+    loaded.eval()
+    for key in model.codebooks:
+        assert torch.equal(loaded.codebooks[key].ref_norm, model.codebooks[key].ref_norm)
+    again = loaded(tokens, return_codes=True)
+    assert torch.equal(again.logits, out.logits)
+    assert torch.equal(again.codes["layer0_mlp"], out.codes["layer0_mlp"])
+
+
 def test_layers_and_mixed_sites(tokens):
     base = tiny_model("gpt_neox")
     cfg = CodebookModelConfig(

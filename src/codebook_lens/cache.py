@@ -48,11 +48,20 @@ class CacheError(ValueError):
 
 
 def code_dtype(num_codes: int) -> np.dtype:
-    """The smallest unsigned integer type that holds ids ``0 .. num_codes - 1``."""
+    """The smallest unsigned integer type that holds ids ``0 .. num_codes``: the code ids,
+    and ``num_codes`` itself, which marks an empty slot (see :func:`stored_ids`)."""
     for dtype in (np.uint8, np.uint16, np.uint32):
-        if num_codes - 1 <= np.iinfo(dtype).max:
+        if num_codes <= np.iinfo(dtype).max:
             return np.dtype(dtype)
     return np.dtype(np.uint64)
+
+
+def stored_ids(ids: np.ndarray, num_codes: int) -> np.ndarray:
+    """Code ids as a cache stores them: an empty slot (``EMPTY_SLOT``, -1: an activation
+    that passed through dense, see ``CodebookConfig.outlier_factor``) becomes
+    ``num_codes``, which no code has; every query skips it."""
+    ids = np.asarray(ids)
+    return np.where(ids < 0, num_codes, ids) if ids.size and ids.min() < 0 else ids
 
 
 @dataclass

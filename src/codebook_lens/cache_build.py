@@ -31,6 +31,7 @@ from .cache import (
     CacheError,
     CodebookInfo,
     code_dtype,
+    stored_ids,
 )
 from .loading import Loaded, TextCodec
 
@@ -206,21 +207,24 @@ def code_logit_effects(
 
 def build_index(codes: np.ndarray, num_codes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(T, G, k) code ids -> (counts (G, C), offsets (G, C+1), rows) with, for each group
-    and code, the sorted token positions where it fires (each token once per code)."""
+    and code, the sorted token positions where it fires (each token once per code).
+    Empty slots (id C) are neither counted nor indexed."""
     tokens, groups, k = codes.shape
     row_dtype = np.uint32 if tokens <= np.iinfo(np.uint32).max else np.uint64
     counts = np.zeros((groups, num_codes), dtype=np.int64)
     offsets = np.zeros((groups, num_codes + 1), dtype=np.int64)
-    rows = np.empty(tokens * groups * k, dtype=row_dtype)
+    parts = []
     base = 0
     for g in range(groups):
         flat = np.asarray(codes[:, g, :]).reshape(-1)
         order = np.argsort(flat, kind="stable")  # stable: positions ascend within a code
-        counts[g] = np.bincount(flat, minlength=num_codes)
+        counts[g] = np.bincount(flat, minlength=num_codes + 1)[:num_codes]
+        filled = int(counts[g].sum())  # empty slots sort last: drop them
         offsets[g, 1:] = np.cumsum(counts[g])
         offsets[g] += base
-        rows[base : base + flat.size] = order // k
-        base += flat.size
+        parts.append((order[:filled] // k).astype(row_dtype))
+        base += filled
+    rows = np.concatenate(parts) if parts else np.empty(0, dtype=row_dtype)
     return counts, offsets, rows
 
 
@@ -353,8 +357,9 @@ def build_cache(
                     forward_seconds += time.perf_counter() - t0
                     n = ids.numel()
                     for info in infos:
-                        arrays[info.key][at : at + n] = (
-                            codes[info.key].reshape(n, info.groups, info.k).numpy()
+                        arrays[info.key][at : at + n] = stored_ids(
+                            codes[info.key].reshape(n, info.groups, info.k).numpy(),
+                            info.num_codes,
                         )
                     at += n
                 for arr in arrays.values():

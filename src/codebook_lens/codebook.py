@@ -49,6 +49,14 @@ class CodebookConfig:
     lm_grad_to_codes: whether the downstream (language-model) gradient also reaches the
         selected codes, besides the reconstruction gradient.
     chunk_mib: most memory the similarity matrix may hold at once, in MiB.
+    outlier_factor: None (every activation is quantized), or a factor F: an activation
+        whose norm exceeds F times the codebook's reference norm (``ref_norm``: the
+        median norm of its k-means samples, else of the first batch it sees) passes
+        through dense, with every code slot empty (:data:`EMPTY_SLOT`), and is left out
+        of the reconstruction loss. This is for the attention-sink positions of
+        pretrained models, whose activations no sum of k codes reproduces: SmolLM2's
+        layer-11 MLP writes a vector of norm ~24,000 at the first position of a
+        sequence, against a median of ~31.
     """
 
     num_codes: int = 1024
@@ -58,6 +66,7 @@ class CodebookConfig:
     commitment_weight: float = 0.0
     lm_grad_to_codes: bool = True
     chunk_mib: float = 256.0
+    outlier_factor: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_codes, int) or self.num_codes < 2:
@@ -76,6 +85,11 @@ class CodebookConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not isinstance(self.chunk_mib, (int, float)) or not self.chunk_mib > 0:
             raise ValueError(f"chunk_mib must be a number > 0, got {self.chunk_mib!r}")
+        f = self.outlier_factor
+        if f is not None and (
+            isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 1
+        ):
+            raise ValueError(f"outlier_factor must be None or a finite number > 1, got {f!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -323,6 +337,9 @@ class Codebook(nn.Module):
         self.register_buffer(
             "_used", torch.zeros(groups, config.num_codes, dtype=torch.bool), persistent=False
         )
+        if config.outlier_factor is not None:
+            # 0 until k-means or the first batch sets it; saved with the codes
+            self.register_buffer("ref_norm", torch.zeros((), dtype=torch.float32))
         self._recent: torch.Tensor | None = None
         self.tracking = False
         self.ids_hook: IdsHook | None = None
@@ -350,12 +367,28 @@ class Codebook(nn.Module):
         return x.reshape(-1, self.groups, self.dim)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Ids of the chosen codes for ``x`` of shape ``(..., G*d)``: ``(..., G, k)``."""
+        """Ids of the chosen codes for ``x`` of shape ``(..., G*d)``: ``(..., G, k)``
+        (:data:`EMPTY_SLOT` for an activation that passes through dense)."""
         a = self._split(x)
         ids = topk_codes(
             a.detach(), self.weight.detach(), self.k, self.config.similarity, self.config.chunk_mib
         )
+        dense = self.outliers(a)
+        if dense is not None:
+            ids = ids.masked_fill(dense.unsqueeze(-1), EMPTY_SLOT)
         return ids.view(*x.shape[:-1], self.groups, self.k)
+
+    @torch.no_grad()
+    def outliers(self, a: torch.Tensor) -> torch.Tensor | None:
+        """``(N, G)`` mask of the activations that pass through dense (see
+        ``outlier_factor``), or None when the codebook has no outlier rule."""
+        factor = self.config.outlier_factor
+        if factor is None:
+            return None
+        norms = a.detach().float().norm(dim=-1)
+        if not self.ref_norm > 0 and norms.numel():
+            self.ref_norm.fill_(float(norms.median()))
+        return norms > factor * self.ref_norm
 
     def forward(self, x: torch.Tensor) -> CodebookOutput:
         a = self._split(x)
@@ -364,17 +397,35 @@ class Codebook(nn.Module):
         hooked = self.ids_hook is not None
         if hooked:  # (N, G, k) ids and (N, G, d) activations -> (N, G, slots), EMPTY_SLOT allowed
             ids = self.ids_hook(ids, a)
-        out, rec = CodebookLookup.apply(a, self.weight, ids, c.lm_grad_to_codes, hooked)
+        dense = self.outliers(a)
+        if dense is not None and not dense.any():
+            dense = None
+        if dense is not None:
+            ids = ids.masked_fill(dense.unsqueeze(-1), EMPTY_SLOT)
+        empty = hooked or dense is not None
+        out, rec = CodebookLookup.apply(a, self.weight, ids, c.lm_grad_to_codes, empty)
         target = a.detach()
-        mse = F.mse_loss(rec.float(), target.float())
+        if dense is not None:
+            keep = ~dense
+            out = torch.where(dense.unsqueeze(-1), a, out)
+            mse = (
+                F.mse_loss(rec[keep].float(), target[keep].float())
+                if keep.any()
+                else (rec.new_zeros((), dtype=torch.float32))
+            )
+            commit = lambda: F.mse_loss(a[keep].float(), out[keep].detach().float())  # noqa: E731
+        else:
+            mse = F.mse_loss(rec.float(), target.float())
+            commit = lambda: F.mse_loss(a.float(), out.detach().float())  # noqa: E731
         loss = c.reconstruction_weight * mse
         if c.commitment_weight > 0:
-            loss = loss + c.commitment_weight * F.mse_loss(a.float(), out.detach().float())
+            loss = loss + c.commitment_weight * commit()
+        quantized = target if dense is None else target[~dense.any(-1)]
         if self.tracking:
-            self._record(ids, target)
+            self._record(ids, quantized, empty)
         with torch.no_grad():
             variance = (
-                target.float().reshape(-1, self.groups * self.dim).var(0, unbiased=False).mean()
+                quantized.float().reshape(-1, self.groups * self.dim).var(0, unbiased=False).mean()
             )
         return CodebookOutput(
             output=out.view(x.shape),
@@ -396,9 +447,9 @@ class Codebook(nn.Module):
         self.idle_steps.zero_()
 
     @torch.no_grad()
-    def _record(self, ids: torch.Tensor, a: torch.Tensor) -> None:
+    def _record(self, ids: torch.Tensor, a: torch.Tensor, empty: bool = False) -> None:
         flat = _flat_ids(ids, self.num_codes).view(-1)
-        if self.ids_hook is not None:  # a hook may leave slots empty: count filled slots only
+        if empty:  # a hook or the outlier rule may leave slots empty: count filled slots only
             flat = flat[(ids >= 0).view(-1)]
         counts = torch.bincount(flat, minlength=self.groups * self.num_codes)
         counts = counts.view(self.groups, self.num_codes)
@@ -480,11 +531,16 @@ class Codebook(nn.Module):
 
         Seeds are drawn by k-means++ (D^2 sampling); assignment uses the codebook's own
         similarity (cosine gives spherical assignment); centroids are means. Empty
-        clusters are re-seeded from samples. With k > 1 (cosine or inner product) the
+        clusters are re-seeded from samples. With an ``outlier_factor``, the reference
+        norm is set from the samples first and the outliers are left out. With k > 1 (cosine or inner product) the
         codes are set to 1/k of the centroids, so that the sum of the k chosen codes
         starts near the activation instead of k times it.
         """
         a = self._split(samples).to(self.weight.dtype)
+        if self.config.outlier_factor is not None:  # the reference norm, then the inliers
+            self.ref_norm.zero_()
+            dense = self.outliers(a)
+            a = a[~dense.any(-1)]
         n = a.shape[0]
         C = self.num_codes
         cent = kmeans_plus_plus(a, C, generator)

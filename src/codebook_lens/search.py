@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import sites as S
-from .cache import CodeCache
+from .cache import CodeCache, stored_ids
 from .refs import CodeRef
 
 MAX_PATTERN_CHARS = 1000
@@ -190,12 +190,16 @@ def score_codes(
         else:
             totals = np.stack(
                 [
-                    np.bincount(np.asarray(codes[:n, g, :]).reshape(-1), minlength=info.num_codes)
+                    np.bincount(
+                        np.asarray(codes[:n, g, :]).reshape(-1), minlength=info.num_codes + 1
+                    )[: info.num_codes]
                     for g in range(info.groups)
                 ]
             )
         for g in range(info.groups):
-            tp = np.bincount(picked[:, g, :].reshape(-1), minlength=info.num_codes)
+            # id num_codes is an empty slot (see cache.stored_ids): never a code
+            tp = np.bincount(picked[:, g, :].reshape(-1), minlength=info.num_codes + 1)
+            tp = tp[: info.num_codes]
             hit = np.flatnonzero(tp)
             count = totals[g, hit]
             precision = tp[hit] / np.maximum(count, 1)
@@ -448,7 +452,8 @@ class TopicHit:
 @torch.no_grad()
 def text_codes(cache: CodeCache, text: str) -> tuple[list[int], dict[str, np.ndarray]]:
     """Run the cache's model on ``text`` (in blocks of the cache's length): its token ids
-    and, per codebook, ``(tokens, groups, k)`` code ids."""
+    and, per codebook, ``(tokens, groups, k)`` code ids, empty slots as the codebook's C
+    (as a cache stores them)."""
     loaded = cache.model()
     ids, _ = loaded.codec.encode(text)
     if not ids:
@@ -461,7 +466,8 @@ def text_codes(cache: CodeCache, text: str) -> tuple[list[int], dict[str, np.nda
         chunk = torch.tensor([ids[s : s + seq_len]], device=device)
         out = model(chunk, return_codes=True, use_cache=False)
         for key, codes in out.codes.items():
-            parts.setdefault(key, []).append(codes[0].cpu().numpy())
+            num_codes = model.codebooks[key].num_codes
+            parts.setdefault(key, []).append(stored_ids(codes[0].cpu().numpy(), num_codes))
     return ids, {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -490,8 +496,10 @@ def topic_codes(
         freq = cache.frequencies(key)
         for g in range(info.groups):
             # a code counts once per token, whichever of the k slots it holds
-            per_token = np.unique(arr[:, g, :] + np.arange(n)[:, None] * info.num_codes)
-            counts = np.bincount(per_token % info.num_codes, minlength=info.num_codes)
+            # empty slots are id num_codes (see text_codes): a stride of C + 1 keeps them apart
+            stride = info.num_codes + 1
+            per_token = np.unique(arr[:, g, :] + np.arange(n)[:, None] * stride)
+            counts = np.bincount(per_token % stride, minlength=stride)[: info.num_codes]
             cover = counts / n
             keep = np.flatnonzero((cover >= min_fraction) & (freq[g] <= max_frequency))
             hits.extend(
