@@ -405,21 +405,19 @@ class Codebook(nn.Module):
         empty = hooked or dense is not None
         out, rec = CodebookLookup.apply(a, self.weight, ids, c.lm_grad_to_codes, empty)
         target = a.detach()
-        if dense is not None:
-            keep = ~dense
+        if dense is not None:  # outliers keep their activation and stay out of the losses
             out = torch.where(dense.unsqueeze(-1), a, out)
-            mse = (
-                F.mse_loss(rec[keep].float(), target[keep].float())
-                if keep.any()
-                else (rec.new_zeros((), dtype=torch.float32))
-            )
-            commit = lambda: F.mse_loss(a[keep].float(), out[keep].detach().float())  # noqa: E731
+            keep = ~dense
+            a_in, out_in, rec_in, target_in = a[keep], out[keep], rec[keep], target[keep]
         else:
-            mse = F.mse_loss(rec.float(), target.float())
-            commit = lambda: F.mse_loss(a.float(), out.detach().float())  # noqa: E731
+            a_in, out_in, rec_in, target_in = a, out, rec, target
+        if rec_in.numel():
+            mse = F.mse_loss(rec_in.float(), target_in.float())
+        else:
+            mse = rec.new_zeros((), dtype=torch.float32)
         loss = c.reconstruction_weight * mse
-        if c.commitment_weight > 0:
-            loss = loss + c.commitment_weight * commit()
+        if c.commitment_weight > 0 and rec_in.numel():
+            loss = loss + c.commitment_weight * F.mse_loss(a_in.float(), out_in.detach().float())
         quantized = target if dense is None else target[~dense.any(-1)]
         if self.tracking:
             self._record(ids, quantized, empty)
@@ -532,9 +530,9 @@ class Codebook(nn.Module):
         Seeds are drawn by k-means++ (D^2 sampling); assignment uses the codebook's own
         similarity (cosine gives spherical assignment); centroids are means. Empty
         clusters are re-seeded from samples. With an ``outlier_factor``, the reference
-        norm is set from the samples first and the outliers are left out. With k > 1 (cosine or inner product) the
-        codes are set to 1/k of the centroids, so that the sum of the k chosen codes
-        starts near the activation instead of k times it.
+        norm is set from the samples first and the outliers are left out. With k > 1
+        (cosine or inner product) the codes are set to 1/k of the centroids, so that the
+        sum of the k chosen codes starts near the activation instead of k times it.
         """
         a = self._split(samples).to(self.weight.dtype)
         if self.config.outlier_factor is not None:  # the reference norm, then the inliers
