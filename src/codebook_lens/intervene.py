@@ -28,7 +28,9 @@ chosen positions, for each (codebook, group) named:
 When an intervention needs more than k slots (``append``, or ``replace_all`` with more
 than k codes) the codebook's id tensor widens for the whole forward call; slots that
 hold no code are :data:`~codebook_lens.codebook.EMPTY_SLOT` (-1) and add nothing. Codes
-captured with ``model(ids, return_codes=True)`` show them as such.
+captured with ``model(ids, return_codes=True)`` show them as such. An activation that
+the codebook's outlier rule passes through dense (``CodebookConfig.outlier_factor``)
+stays dense under any intervention: its slots are all empty.
 
 Positions (``positions``): ``None`` is every position; a list of ints names absolute token
 positions; ``slice(P, None)`` is position P onwards, every generated token included
