@@ -415,6 +415,10 @@ def test_outliers_pass_through_dense_with_empty_slots():
     (out.output * grad).sum().backward()
     assert torch.allclose(x.grad, grad)  # straight through, dense rows included
     assert torch.equal(cb.codes(x.detach()), out.codes)
+    cb.ids_hook = lambda ids, a: torch.zeros_like(ids)  # an intervention forcing code 0
+    forced = cb(x.detach())
+    assert torch.equal(forced.output[dense], x.detach()[dense])  # outliers stay dense
+    assert (forced.codes[dense] == EMPTY_SLOT).all() and (forced.codes[~dense] == 0).all()
 
 
 def test_outlier_reference_norm_from_kmeans_or_first_batch():
