@@ -36,6 +36,7 @@ DOCS = [
     "May 2001: a small boat, the big tree.\nJune 1950 → the blue house.",
     corpus_text(9, seed=4),
 ]
+TOPIC_TEXT = "In March 1950, the old man paints a red apple."
 
 
 @pytest.fixture(scope="module")
@@ -316,33 +317,33 @@ def test_dense_outliers_are_cached_as_empty_slots(tmp_path):
         fires[cache.occurrences(s.ref)] = True
         assert s.count == fires.sum()
         assert s.precision == pytest.approx((fires & positives).sum() / fires.sum())
-    text = "In March 1950, the old man paints a red apple."
-    ids, got = text_codes(cache, text)
-    hits = topic_codes(cache, text, min_fraction=0.05, max_frequency=1.0, limit=None)
+    _checked_topic_hits(cache, TOPIC_TEXT, min_fraction=0.05)
+
+
+def _checked_topic_hits(cache, text, min_fraction):
+    """Topic hits, each checked against a count over the text's codes (empty slots, id
+    C, are never a hit)."""
+    ids, codes = text_codes(cache, text)
+    hits = topic_codes(cache, text, min_fraction=min_fraction, max_frequency=1.0, limit=None)
     assert hits
     for h in hits:
-        arr = got[h.ref.codebook][:, h.ref.group, :]
         assert h.ref.code < cache.info(h.ref.codebook).num_codes
-        assert h.hits == int((arr == h.ref.code).any(axis=1).sum())
+        arr = codes[h.ref.codebook][:, h.ref.group, :]
+        n_hit = int((arr == h.ref.code).any(axis=1).sum())
+        assert h.hits == n_hit and h.coverage == pytest.approx(n_hit / len(ids))
+        assert h.coverage >= min_fraction
+        assert h.frequency == pytest.approx(
+            cache.counts(h.ref.codebook)[h.ref.group, h.ref.code] / cache.num_tokens
+        )
+    return hits
 
 
 def test_topic_codes_count_coverage(built):
     _, cache, _ = built
-    text = "In March 1950, the old man paints a red apple."
-    ids, codes = text_codes(cache, text)
-    hits = topic_codes(cache, text, min_fraction=0.2, max_frequency=1.0, limit=None)
-    assert hits
-    for h in hits:
-        arr = codes[h.ref.codebook][:, h.ref.group, :]
-        n_hit = int((arr == h.ref.code).any(axis=1).sum())
-        assert h.hits == n_hit and h.coverage == pytest.approx(n_hit / len(ids))
-        assert h.coverage >= 0.2
-        assert h.frequency == pytest.approx(
-            cache.counts(h.ref.codebook)[h.ref.group, h.ref.code] / cache.num_tokens
-        )
+    hits = _checked_topic_hits(cache, TOPIC_TEXT, min_fraction=0.2)
     covers = [h.coverage for h in hits]
     assert covers == sorted(covers, reverse=True)
-    rare = topic_codes(cache, text, min_fraction=0.2, max_frequency=0.3, limit=None)
+    rare = topic_codes(cache, TOPIC_TEXT, min_fraction=0.2, max_frequency=0.3, limit=None)
     assert all(h.frequency <= 0.3 for h in rare) and len(rare) <= len(hits)
 
 
