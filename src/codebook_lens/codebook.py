@@ -369,14 +369,18 @@ class Codebook(nn.Module):
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Ids of the chosen codes for ``x`` of shape ``(..., G*d)``: ``(..., G, k)``
         (:data:`EMPTY_SLOT` for an activation that passes through dense)."""
-        a = self._split(x)
-        ids = topk_codes(
-            a.detach(), self.weight.detach(), self.k, self.config.similarity, self.config.chunk_mib
-        )
-        dense = self.outliers(a)
+        ids, dense = self._search(self._split(x))
         if dense is not None:
             ids = ids.masked_fill(dense.unsqueeze(-1), EMPTY_SLOT)
         return ids.view(*x.shape[:-1], self.groups, self.k)
+
+    def _search(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The top-k ids of ``a`` (``(N, G, d)``) and the ``(N, G)`` mask of outliers
+        (None when the codebook has no outlier rule or ``a`` has no outlier)."""
+        c = self.config
+        ids = topk_codes(a.detach(), self.weight.detach(), c.k, c.similarity, c.chunk_mib)
+        dense = self.outliers(a)
+        return ids, (dense if dense is not None and dense.any() else None)
 
     @torch.no_grad()
     def outliers(self, a: torch.Tensor) -> torch.Tensor | None:
@@ -385,22 +389,28 @@ class Codebook(nn.Module):
         factor = self.config.outlier_factor
         if factor is None:
             return None
-        norms = a.detach().float().norm(dim=-1)
-        if not self.ref_norm > 0 and norms.numel():
-            self.ref_norm.fill_(float(norms.median()))
+        if self.ref_norm > 0:
+            norms = a.detach().float().norm(dim=-1)
+        else:  # no k-means: the first batch sets the reference
+            norms = self._set_ref_norm(a)
         return norms > factor * self.ref_norm
+
+    @torch.no_grad()
+    def _set_ref_norm(self, a: torch.Tensor) -> torch.Tensor:
+        """Set ``ref_norm`` to the median norm of ``a`` (``(N, G, d)``); return the norms."""
+        norms = a.detach().float().norm(dim=-1)
+        if norms.numel():
+            self.ref_norm.fill_(float(norms.median()))
+        return norms
 
     def forward(self, x: torch.Tensor) -> CodebookOutput:
         a = self._split(x)
         c = self.config
-        ids = topk_codes(a.detach(), self.weight.detach(), c.k, c.similarity, c.chunk_mib)
+        ids, dense = self._search(a)
         hooked = self.ids_hook is not None
         if hooked:  # (N, G, k) ids and (N, G, d) activations -> (N, G, slots), EMPTY_SLOT allowed
             ids = self.ids_hook(ids, a)
-        dense = self.outliers(a)
-        if dense is not None and not dense.any():
-            dense = None
-        if dense is not None:
+        if dense is not None:  # after the hook: an intervention cannot quantize an outlier
             ids = ids.masked_fill(dense.unsqueeze(-1), EMPTY_SLOT)
         empty = hooked or dense is not None
         out, rec = CodebookLookup.apply(a, self.weight, ids, c.lm_grad_to_codes, empty)
@@ -534,68 +544,19 @@ class Codebook(nn.Module):
         (cosine or inner product) the codes are set to 1/k of the centroids, so that the
         sum of the k chosen codes starts near the activation instead of k times it.
         """
+        from .kmeans import kmeans  # kmeans uses this module's search
+
         a = self._split(samples).to(self.weight.dtype)
         if self.config.outlier_factor is not None:  # the reference norm, then the inliers
-            self.ref_norm.zero_()
-            dense = self.outliers(a)
-            a = a[~dense.any(-1)]
-        n = a.shape[0]
-        C = self.num_codes
-        cent = kmeans_plus_plus(a, C, generator)
-        flat_samples = a.reshape(-1, self.dim)
-        for _ in range(iters):
-            ids = topk_codes(a, cent, 1, self.config.similarity, self.config.chunk_mib)
-            flat = _flat_ids(ids, C).view(-1)
-            sums = torch.zeros(self.groups * C, self.dim, dtype=a.dtype, device=a.device)
-            sums.index_add_(0, flat, flat_samples)
-            counts = torch.bincount(flat, minlength=self.groups * C).to(a.dtype).unsqueeze(-1)
-            empty = (counts == 0).view(self.groups, C)
-            new = (sums / counts.clamp(min=1)).view(self.groups, C, self.dim)
-            if empty.any():
-                g_idx, c_idx = empty.nonzero(as_tuple=True)
-                pick = torch.randint(0, n, (len(g_idx),), generator=generator).to(a.device)
-                new[g_idx, c_idx] = a[pick, g_idx]
-            cent = new
+            norms = self._set_ref_norm(a)
+            a = a[~(norms > self.config.outlier_factor * self.ref_norm).any(-1)]
+        c = self.config
+        cent = kmeans(a, self.num_codes, c.similarity, iters, generator, c.chunk_mib)
         if self.k > 1 and self.config.similarity != "euclidean":
             # the output is the sum of k codes that each resemble the activation: start them
             # at 1/k of the centroid (the ranking is unchanged by a common scale)
             cent = cent / self.k
         self.weight.copy_(cent)
-
-
-@torch.no_grad()
-def kmeans_plus_plus(
-    a: torch.Tensor, num: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """``num`` seeds per group from ``a`` (``(N, G, d)``) by D^2 sampling: ``(G, num, d)``.
-
-    With fewer samples than seeds, samples repeat with a little noise so that no two
-    seeds coincide.
-    """
-    n, groups, dim = a.shape
-    ag = a.transpose(0, 1)  # (G, N, d)
-    seeds = torch.empty(groups, num, dim, dtype=a.dtype, device=a.device)
-    rows = torch.arange(groups, device=a.device)
-    first = torch.randint(0, n, (groups,), generator=generator).to(a.device)
-    seeds[:, 0] = ag[rows, first]
-    sq = ag.square().sum(-1)  # (G, N)
-
-    def dist2(seed: torch.Tensor) -> torch.Tensor:  # (G, d) -> (G, N), no (G, N, d) temporary
-        cross = torch.bmm(ag, seed.unsqueeze(-1)).squeeze(-1)
-        return (sq - 2 * cross + seed.square().sum(-1, keepdim=True)).clamp_(min=0)
-
-    d2 = dist2(seeds[:, 0])  # squared distance to the nearest seed
-    for j in range(1, num):
-        weights = d2.clamp(min=0).double()
-        empty = weights.sum(-1) <= 0
-        weights[empty] = 1.0  # every sample already a seed: draw uniformly
-        pick = torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(-1).to(a.device)
-        seeds[:, j] = ag[rows, pick]
-        d2 = torch.minimum(d2, dist2(seeds[:, j]))
-    if n < num:
-        jitter = torch.randn(seeds.shape, generator=generator).to(a.device)
-        seeds += 1e-3 * seeds.norm(dim=-1, keepdim=True).clamp(min=1e-6) * jitter
-    return seeds
 
 
 def reset_optimizer_rows(
