@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 from codebook_lens.cache import CodeCache
@@ -179,11 +180,11 @@ def main() -> None:
             limit=args.codes if args.per_codebook is None else None,
         )
         if args.per_codebook is not None:  # hits are sorted by coverage: keep each book's first N
-            taken: dict[str, int] = {}
+            taken: Counter[str] = Counter()
             kept = []
             for h in hits:
-                if taken.get(h.ref.codebook, 0) < args.per_codebook:
-                    taken[h.ref.codebook] = taken.get(h.ref.codebook, 0) + 1
+                taken[h.ref.codebook] += 1
+                if taken[h.ref.codebook] <= args.per_codebook:
                     kept.append(h)
             hits = kept
         if not hits:

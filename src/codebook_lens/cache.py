@@ -64,6 +64,12 @@ def stored_ids(ids: np.ndarray, num_codes: int) -> np.ndarray:
     return np.where(ids < 0, num_codes, ids) if ids.size and ids.min() < 0 else ids
 
 
+def code_counts(ids: np.ndarray, num_codes: int) -> np.ndarray:
+    """How often each code ``0 .. num_codes - 1`` occurs in ``ids`` (any shape); empty
+    slots (id ``num_codes``, see :func:`stored_ids`) are not counted."""
+    return np.bincount(np.asarray(ids).reshape(-1), minlength=num_codes + 1)[:num_codes]
+
+
 @dataclass
 class CodebookInfo:
     key: str

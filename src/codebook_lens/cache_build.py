@@ -30,6 +30,7 @@ from .cache import (
     MANIFEST,
     CacheError,
     CodebookInfo,
+    code_counts,
     code_dtype,
     stored_ids,
 )
@@ -218,7 +219,7 @@ def build_index(codes: np.ndarray, num_codes: int) -> tuple[np.ndarray, np.ndarr
     for g in range(groups):
         flat = np.asarray(codes[:, g, :]).reshape(-1)
         order = np.argsort(flat, kind="stable")  # stable: positions ascend within a code
-        counts[g] = np.bincount(flat, minlength=num_codes + 1)[:num_codes]
+        counts[g] = code_counts(flat, num_codes)
         filled = int(counts[g].sum())  # empty slots sort last: drop them
         offsets[g, 1:] = np.cumsum(counts[g])
         offsets[g] += base

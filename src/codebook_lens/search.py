@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import sites as S
-from .cache import CodeCache, stored_ids
+from .cache import CodeCache, code_counts, stored_ids
 from .refs import CodeRef
 
 MAX_PATTERN_CHARS = 1000
@@ -189,17 +189,10 @@ def score_codes(
             totals = cache.counts(key)
         else:
             totals = np.stack(
-                [
-                    np.bincount(
-                        np.asarray(codes[:n, g, :]).reshape(-1), minlength=info.num_codes + 1
-                    )[: info.num_codes]
-                    for g in range(info.groups)
-                ]
+                [code_counts(codes[:n, g, :], info.num_codes) for g in range(info.groups)]
             )
         for g in range(info.groups):
-            # id num_codes is an empty slot (see cache.stored_ids): never a code
-            tp = np.bincount(picked[:, g, :].reshape(-1), minlength=info.num_codes + 1)
-            tp = tp[: info.num_codes]
+            tp = code_counts(picked[:, g, :], info.num_codes)
             hit = np.flatnonzero(tp)
             count = totals[g, hit]
             precision = tp[hit] / np.maximum(count, 1)
@@ -499,7 +492,7 @@ def topic_codes(
             # empty slots are id num_codes (see text_codes): a stride of C + 1 keeps them apart
             stride = info.num_codes + 1
             per_token = np.unique(arr[:, g, :] + np.arange(n)[:, None] * stride)
-            counts = np.bincount(per_token % stride, minlength=stride)[: info.num_codes]
+            counts = code_counts(per_token % stride, info.num_codes)
             cover = counts / n
             keep = np.flatnonzero((cover >= min_fraction) & (freq[g] <= max_frequency))
             hits.extend(
