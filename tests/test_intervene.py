@@ -153,6 +153,43 @@ def test_forcing_changes_exactly_the_targeted_slots(model, ids, mode, target, ca
     assert torch.allclose(activation, summed_codes(weight, got), atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["replace_last", "replace_all", "append"])
+@pytest.mark.parametrize("strength", [2.5, 0.0, -1.0])
+def test_strength_scales_forced_codes_only(model, ids, mode, strength):
+    """With a strength, the slots are those of strength 1, and what flows on is the sum of
+    their codes with each forced code (at a targeted position) times the strength."""
+    target = "layer1_mlp"
+    reference = codes_of(model, ids)
+    chosen_at = reference[target][0, 4, 0].tolist()
+    forced = [chosen_at[1], min(set(range(24)) - set(chosen_at))]  # one chosen already
+    refs = [CodeRef(target, code) for code in forced]
+    cb = model.codebooks[target]
+    site, layer = model.placement[target]
+    seen = []
+    observer = S.attach(model.model, site, layer, lambda x: seen.append(x.detach()))
+    try:
+        with torch.no_grad():
+            with intervene(model, force=refs, mode=mode, positions=POSITIONS):
+                plain = model(ids, return_codes=True)
+            with intervene(model, force=refs, mode=mode, positions=POSITIONS, strength=strength):
+                scaled = model(ids, return_codes=True)
+    finally:
+        observer.remove()
+    got = scaled.codes[target]
+    assert torch.equal(got, plain.codes[target])  # the same slots
+    weight = cb.weight.detach()
+    expect = summed_codes(weight, got)
+    for b, t, g, slot in torch.nonzero(got >= 0).tolist():
+        if t in POSITIONS and got[b, t, g, slot].item() in forced:
+            expect[b, t, g] += (strength - 1) * weight[g, got[b, t, g, slot]]
+    activation = seen[1].view(*ids.shape, cb.groups, cb.dim)
+    assert torch.allclose(activation, expect, atol=1e-5)
+    assert not torch.allclose(scaled.logits, plain.logits)
+    # strength 1 is the plain intervention, bit for bit
+    with torch.no_grad(), intervene(model, force=refs, mode=mode, positions=POSITIONS, strength=1):
+        assert torch.equal(model(ids).logits, plain.logits)
+
+
 def test_replace_all_with_more_codes_than_k_widens_the_slots(model, ids):
     forced = [CodeRef("layer0_mlp", c) for c in (1, 2, 3, 4, 5)]
     with intervene(model, force=forced, mode="replace_all", positions=[0]):
@@ -365,6 +402,10 @@ def test_nesting_on_the_same_codebook_raises_and_disjoint_ones_compose(model, id
         ({"disable": [f"layer0_mlp:{i}" for i in range(22)]}, "cannot disable 22 codes"),
         ({"force": ["layer0_mlp:1"], "positions": [-1]}, "non-negative integers, got -1"),
         ({"force": ["layer0_mlp:1"], "positions": slice(-2, None)}, "slice start"),
+        ({"force": ["layer0_mlp:1"], "strength": float("nan")}, "strength must be finite"),
+        ({"force": ["layer0_mlp:1"], "strength": float("inf")}, "strength must be finite"),
+        ({"force": ["layer0_mlp:1"], "strength": "2"}, "strength must be a number"),
+        ({"force": ["layer0_mlp:1"], "strength": True}, "strength must be a number"),
     ],
 )
 def test_bad_interventions_fail_clearly(model, kwargs, message):
@@ -509,6 +550,17 @@ def test_cli_steer_prints_json_and_text(saved, loaded, capsys):
         )[0]
     )
     assert report["force"] == ["layer1_mlp:3"] and report["positions"] == "all"
+    assert report["strength"] == 1.0
+    assert main([*args, "--strength", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    strong = Intervention(["layer1_mlp:3"], mode="append", strength=4.0)
+    assert report["strength"] == 4.0
+    assert (
+        report["steered"]
+        == generate(loaded, PROMPTS[:1], samples=2, max_new_tokens=5, seed=7, intervention=strong)[
+            0
+        ]
+    )
     assert main([*args, "--from-position", "3"]) == 0
     text = capsys.readouterr().out
     assert "positions: from 3" in text

@@ -325,6 +325,11 @@ def test_steer_equals_generate(model_client, tiny_code_cache):
         data["steered"] == generate(loaded, body["prompt"], intervention=intervention, **options)[0]
     )
     assert data["force"] == body["force"] and data["mode"] == "append"
+    assert data["strength"] == 1.0
+    strong = model_client.post("/api/steer", json={**body, "strength": 3.0}).json()
+    scaled = Intervention(body["force"], mode="append", strength=3.0)
+    assert strong["strength"] == 3.0
+    assert strong["steered"] == generate(loaded, body["prompt"], intervention=scaled, **options)[0]
     assert model_client.get("/api/overview").json()["steering"] is True
     page = model_client.get(
         "/steer",
@@ -335,12 +340,14 @@ def test_steer_equals_generate(model_client, tiny_code_cache):
             "samples": 2,
             "max_new_tokens": 5,
             "seed": 7,
+            "strength": 3.0,
         },
     )
     assert page.status_code == 200 and page.text.count('class="sample"') == 4
+    assert "strength 3.0" in page.text
     import html as htmllib
 
-    assert htmllib.escape(data["steered"][0]) in page.text
+    assert htmllib.escape(strong["steered"][0]) in page.text
 
 
 @pytest.mark.parametrize(
@@ -356,6 +363,7 @@ def test_steer_equals_generate(model_client, tiny_code_cache):
         ({"prompt": "x", "force": ["layer0_mlp:1"], "max_new_tokens": 65}, 422, "max_new_tokens"),
         ({"prompt": "x", "force": ["layer0_mlp:1"], "mode": "sideways"}, 422, "mode"),
         ({"prompt": "x", "force": ["layer0_mlp:1"] * 17}, 422, "force"),
+        ({"prompt": "x", "force": ["layer0_mlp:1"], "strength": 101}, 422, "strength"),
     ],
 )
 def test_steer_rejects_bad_requests(model_client, body, status, message):

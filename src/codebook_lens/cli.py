@@ -122,6 +122,7 @@ def _intervention_from(args: argparse.Namespace, codes: list):
         disable=args.disable or [],
         mode=args.mode,
         positions=None if start is None else slice(start, None),
+        strength=args.strength,
     )
 
 
@@ -229,6 +230,7 @@ def _steer_eval(args: argparse.Namespace) -> int:
         args.mode,
         disable=list(intervention.disable),
         positions=intervention.positions,
+        strength=intervention.strength,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
@@ -263,6 +265,13 @@ def _add_intervention_options(p: argparse.ArgumentParser, samples: int) -> None:
 
     p.add_argument("--disable", action="append", metavar="CODE", help="disable a code (repeatable)")
     p.add_argument("--mode", choices=MODES, default="replace_last", help="how forced codes enter")
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="factor of each forced code in the sum (default 1: the code as it is)",
+    )
     p.add_argument(
         "--from-position",
         type=int,

@@ -308,7 +308,23 @@ class CodebookLookup(torch.autograd.Function):
 # the module
 
 
-IdsHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (ids, activations) -> ids, or (ids, scales) where ``scales`` (the shape of ids) weighs
+# each slot's code in the output (1: as usual)
+IdsHook = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+
+
+def weighted_code_sum(
+    weight: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    """``(N, G, d)``: per token and group, the codes of ``ids`` (``(N, G, slots)``, from
+    ``weight`` ``(G, C, d)``) times ``scales`` (same shape as ids), summed;
+    :data:`EMPTY_SLOT` adds nothing."""
+    groups, num_codes, dim = weight.shape
+    filled = ids >= 0
+    flat = _flat_ids(ids.clamp(min=0), num_codes)
+    per_slot = (scales * filled).reshape(flat.shape).to(weight.dtype)
+    q = F.embedding_bag(flat, weight.reshape(-1, dim), mode="sum", per_sample_weights=per_slot)
+    return q.view(ids.shape[0], groups, dim)
 
 
 class Codebook(nn.Module):
@@ -408,12 +424,16 @@ class Codebook(nn.Module):
         c = self.config
         ids, dense = self._search(a)
         hooked = self.ids_hook is not None
+        scales = None
         if hooked:  # (N, G, k) ids and (N, G, d) activations -> (N, G, slots), EMPTY_SLOT allowed
-            ids = self.ids_hook(ids, a)
+            edited = self.ids_hook(ids, a)
+            ids, scales = edited if isinstance(edited, tuple) else (edited, None)
         if dense is not None:  # after the hook: an intervention cannot quantize an outlier
             ids = ids.masked_fill(dense.unsqueeze(-1), EMPTY_SLOT)
         empty = hooked or dense is not None
         out, rec = CodebookLookup.apply(a, self.weight, ids, c.lm_grad_to_codes, empty)
+        if scales is not None:  # a slot with scale s adds s - 1 more times its code
+            out = out + weighted_code_sum(self.weight, ids, scales - 1).to(out.dtype)
         target = a.detach()
         if dense is not None:  # outliers keep their activation and stay out of the losses
             out = torch.where(dense.unsqueeze(-1), a, out)

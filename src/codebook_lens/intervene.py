@@ -24,6 +24,10 @@ chosen positions, for each (codebook, group) named:
     slots; the activation becomes the sum of the k chosen codes plus the forced codes.
 
   A forced code is thus on exactly once, in every mode: it is never summed twice.
+- ``strength``: a forced code enters the sum times this factor (default 1, the code as
+  it is; the paper's setting) wherever it is forced, also where the search chose it
+  anyway. Larger factors push harder; a negative one pushes away. Codes the search
+  chooses on its own, and forced codes outside the chosen positions, keep factor 1.
 
 When an intervention needs more than k slots (``append``, or ``replace_all`` with more
 than k codes) the codebook's id tensor widens for the whole forward call; slots that
@@ -59,6 +63,7 @@ Sampling text under an intervention and steering evaluation are in
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,16 +128,23 @@ class Intervention:
     force, disable: codes (CodeRef or text); converted to tuples of CodeRef.
     mode: how forced codes enter the slots, one of :data:`MODES`.
     positions: None (every position), a list of absolute positions, or a slice.
+    strength: the factor of each forced code in the sum (1: the code as it is).
     """
 
     force: Sequence[CodeRef | str] = ()
     disable: Sequence[CodeRef | str] = ()
     mode: str = "replace_last"
     positions: Positions = None
+    strength: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
+            raise ValueError(f"strength must be a number, got {self.strength!r}")
+        if not math.isfinite(self.strength):
+            raise ValueError(f"strength must be finite, got {self.strength!r}")
+        self.strength = float(self.strength)
         self.force = tuple(as_ref(c) for c in self.force)
         self.disable = tuple(as_ref(c) for c in self.disable)
         for name, refs in (("forced", self.force), ("disabled", self.disable)):
@@ -157,6 +169,7 @@ class Intervention:
             "disable": [str(c) for c in self.disable],
             "mode": self.mode,
             "positions": _describe_positions(self.positions),
+            "strength": self.strength,
         }
 
 
@@ -267,6 +280,7 @@ class _CodebookEdit:
         self.disabled = disabled
         self.mode = intervention.mode
         self.positions = intervention.positions
+        self.strength = intervention.strength
         self.tracker = tracker
         k = codebook.k
         most_forced = max((len(v) for v in forced.values()), default=0)
@@ -281,13 +295,26 @@ class _CodebookEdit:
             table[group, codes] = True
         self.disabled_table = table
 
-    def __call__(self, ids: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, ids: torch.Tensor, a: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         rows = self.tracker.selected(self.positions, ids.shape[0])
         if self.disabled:
             ids = self._disable(ids, a, rows)
         if self.forced:
             ids = self._force(ids, rows)
+            if self.strength != 1.0:
+                return ids, self._scales(ids, rows)
         return ids
+
+    def _scales(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Per slot: ``strength`` where a forced code sits at a chosen position, else 1."""
+        scales = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+        for group, codes in self.forced.items():
+            forced = torch.tensor(codes, device=ids.device)
+            hit = torch.isin(ids[:, group], forced) & rows.unsqueeze(-1)
+            scales[:, group] = torch.where(hit, self.strength, scales[:, group])
+        return scales
 
     def _disable(self, ids: torch.Tensor, a: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         cb = self.codebook
@@ -436,6 +463,7 @@ def intervene(
     disable: Sequence[CodeRef | str] = (),
     mode: str = "replace_last",
     positions: Positions = None,
+    strength: float = 1.0,
 ) -> contextlib.AbstractContextManager[Intervention]:
     """Context manager: force codes on and disable codes in ``model`` (see the module doc)."""
-    return apply_intervention(model, Intervention(force, disable, mode, positions))
+    return apply_intervention(model, Intervention(force, disable, mode, positions, strength))

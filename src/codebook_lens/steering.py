@@ -271,6 +271,7 @@ def steering_eval(
     *,
     disable: Sequence[CodeRef | str] = (),
     positions: Positions = None,
+    strength: float = 1.0,
     max_new_tokens: int = 32,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -282,7 +283,8 @@ def steering_eval(
 
     For each prompt, ``samples_per_prompt`` continuations are sampled without and with
     ``codes`` forced on (in ``mode``; by default at every position, the prompt's
-    included, as a list of positions or ``slice(P, None)`` can narrow), with the same
+    included, as a list of positions or ``slice(P, None)`` can narrow; each forced code
+    times ``strength``), with the same
     seed for both. A continuation mentions the topic when it holds any of ``words`` as a
     whole word, ignoring case (:func:`mentions_topic`); only the new text is checked.
     """
@@ -299,7 +301,7 @@ def steering_eval(
         )
     words = [w.strip() for w in words if w.strip()]
     topic_pattern(words)  # a clear error for an empty topic, before any sampling
-    intervention = Intervention(codes, disable, mode, positions)
+    intervention = Intervention(codes, disable, mode, positions, strength)
     sampling = Sampling(max_new_tokens, temperature, top_p, top_k)
     baseline, steered = [], []
     for i, prompt in enumerate(tqdm(prompts, desc="steering", unit="prompt", disable=not progress)):

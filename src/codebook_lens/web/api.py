@@ -125,6 +125,7 @@ def api_router(browser: Browser) -> APIRouter:
             temperature=body.temperature,
             seed=body.seed,
             from_position=body.from_position,
+            strength=body.strength,
         )
 
     return router

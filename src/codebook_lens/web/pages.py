@@ -20,6 +20,7 @@ from .params import (
     MAX_SAMPLES,
     MAX_SEED,
     MAX_STEER_CODES,
+    MAX_STRENGTH,
     MAX_TEXT_CHARS,
     CodebookQuery,
     CodePath,
@@ -229,6 +230,9 @@ def page_router(browser: Browser, templates: Jinja2Templates) -> APIRouter:
             str | None,
             Query(pattern=r"^\d{0,9}$", description="intervene from this position on; empty: all"),
         ] = None,
+        strength: Annotated[
+            float, Query(ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
+        ] = 1.0,
     ) -> HTMLResponse:
         """Baseline and steered continuations side by side (needs --model)."""
         form = {
@@ -241,6 +245,7 @@ def page_router(browser: Browser, templates: Jinja2Templates) -> APIRouter:
             "temperature": temperature,
             "seed": seed,
             "from_position": from_position or "",
+            "strength": strength,
         }
         result, error, status = None, None, 200
         if not browser.steering:
@@ -261,6 +266,7 @@ def page_router(browser: Browser, templates: Jinja2Templates) -> APIRouter:
                     temperature=temperature,
                     seed=seed,
                     from_position=int(from_position) if from_position else None,
+                    strength=strength,
                 )
             except QueryError as err:
                 error, status = err.message, err.status
@@ -275,6 +281,7 @@ def page_router(browser: Browser, templates: Jinja2Templates) -> APIRouter:
             error=error,
             max_samples=MAX_SAMPLES,
             max_new_tokens=MAX_NEW_TOKENS,
+            max_strength=MAX_STRENGTH,
         )
 
     return router

@@ -22,6 +22,7 @@ MAX_STEER_CODES = 16
 MAX_SAMPLES = 8
 MAX_NEW_TOKENS = 64
 MAX_SEED = 2**31 - 1
+MAX_STRENGTH = 100.0  # factor of a forced code, either sign
 
 Order = Literal["rank", "corpus"]
 Sort = Literal["precision", "recall", "f1", "count"]
@@ -114,6 +115,7 @@ class SteerRequest(BaseModel):
     max_new_tokens: int = Field(24, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    strength: float = Field(1.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
     from_position: int | None = Field(None, ge=0, le=MAX_OFFSET)
 
     @field_validator("prompt")

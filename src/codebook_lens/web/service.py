@@ -382,6 +382,7 @@ class Browser:
         temperature: float = 1.0,
         seed: int = 0,
         from_position: int | None = None,
+        strength: float = 1.0,
     ) -> dict[str, Any]:
         """Continuations of ``prompt`` without and with the intervention, same seeds."""
         from ..intervene import Intervention, check_intervention
@@ -393,7 +394,7 @@ class Browser:
         if not force and not disable:
             raise QueryError(400, "give at least one code to force on or to disable")
         positions = None if from_position is None else slice(from_position, None)
-        intervention = Intervention(list(force), list(disable), mode, positions)
+        intervention = Intervention(list(force), list(disable), mode, positions, strength)
         check_intervention(loaded.model, intervention)
         length = context_length(loaded)
         if length is not None:
