@@ -2,10 +2,13 @@
 
 For each topic: its codes come from topic search on a short text about the topic
 (codes covering at least ``--min-fraction`` of the text's tokens, firing on at most
-``--max-frequency`` of the cached corpus, the ``--codes`` most covering); then
+``--max-frequency`` of the cached corpus, the ``--codes`` most covering), or with
+``--select effect`` from the codes whose direct logit effect most promotes the topic's
+words (same frequency cap); then
 ``--samples`` continuations of each of the prompts are sampled with and without those
 codes forced on (same seeds), and the fraction of continuations that use one of the
 topic's words is reported. Samples are saved next to the summary for inspection.
+``--strength 1,4,10`` repeats the steered runs with each forced code times 4 and 10.
 
     python benchmarks/steering_topics.py runs/cache-smollm2-1m --out runs/steering
 """
@@ -18,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from codebook_lens.cache import CodeCache
-from codebook_lens.search import topic_codes
+from codebook_lens.search import effect_codes, topic_codes
 from codebook_lens.steering import steering_eval
 
 TOPICS = {
@@ -157,14 +160,27 @@ def main() -> None:
         help="instead of --codes: the N most covering codes of every codebook (for models "
         "with a codebook on every layer, as the paper steers)",
     )
+    parser.add_argument(
+        "--select",
+        choices=["topic", "effect"],
+        default="topic",
+        help="topic: codes that fire on the topic text (the paper); effect: codes whose "
+        "direct effect on the logits promotes the topic's words",
+    )
     parser.add_argument("--min-fraction", type=float, default=0.1)
     parser.add_argument("--max-frequency", type=float, default=0.005)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--mode", default="append")
+    parser.add_argument(
+        "--strength",
+        default="1",
+        help="factor(s) of each forced code, comma-separated: one steered run per strength",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    strengths = [float(v) for v in args.strength.split(",")]
     cache = CodeCache.open(args.cache_dir)
     loaded = cache.model()
     out = Path(args.out)
@@ -172,13 +188,17 @@ def main() -> None:
     rows = []
     for name in args.topics.split(","):
         text, words = TOPICS[name]
-        hits = topic_codes(
-            cache,
-            text,
-            min_fraction=args.min_fraction,
-            max_frequency=args.max_frequency,
-            limit=args.codes if args.per_codebook is None else None,
-        )
+        limit = args.codes if args.per_codebook is None else None
+        if args.select == "topic":
+            hits = topic_codes(
+                cache,
+                text,
+                min_fraction=args.min_fraction,
+                max_frequency=args.max_frequency,
+                limit=limit,
+            )
+        else:
+            hits = effect_codes(cache, words, max_frequency=args.max_frequency, limit=limit)
         if args.per_codebook is not None:  # hits are sorted by coverage: keep each book's first N
             taken: Counter[str] = Counter()
             kept = []
@@ -191,33 +211,38 @@ def main() -> None:
             rows.append({"topic": name, "codes": [], "note": "no code passed the filters"})
             continue
         codes = [h.ref for h in hits]
-        result = steering_eval(
-            loaded,
-            None,
-            codes,
-            PROMPTS,
-            samples_per_prompt=args.samples,
-            words=words,
-            mode=args.mode,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-        )
-        result.save(out / f"{name}.json")
-        rows.append(
-            {
-                "topic": name,
-                "codes": [h.to_dict() for h in hits],
-                "baseline": result.baseline_fraction,
-                "steered": result.steered_fraction,
-                "samples": args.samples * len(PROMPTS),
-            }
-        )
-        print(
-            f"{name:<10} baseline {result.baseline_fraction:6.1%}  steered "
-            f"{result.steered_fraction:6.1%}  codes "
-            + (", ".join(str(c) for c in codes) if len(codes) <= 5 else f"{len(codes)} codes"),
-            flush=True,
-        )
+        for strength in strengths:
+            result = steering_eval(
+                loaded,
+                None,
+                codes,
+                PROMPTS,
+                samples_per_prompt=args.samples,
+                words=words,
+                mode=args.mode,
+                strength=strength,
+                max_new_tokens=args.max_new_tokens,
+                seed=args.seed,
+                progress=False,
+            )
+            suffix = "" if strength == 1 else f"-x{strength:g}"
+            result.save(out / f"{name}{suffix}.json")
+            rows.append(
+                {
+                    "topic": name,
+                    "strength": strength,
+                    "codes": [h.to_dict() for h in hits],
+                    "baseline": result.baseline_fraction,
+                    "steered": result.steered_fraction,
+                    "samples": args.samples * len(PROMPTS),
+                }
+            )
+            print(
+                f"{name:<10} x{strength:<5g} baseline {result.baseline_fraction:6.1%}  steered "
+                f"{result.steered_fraction:6.1%}  codes "
+                + (", ".join(str(c) for c in codes) if len(codes) <= 5 else f"{len(codes)} codes"),
+                flush=True,
+            )
     summary = {"settings": vars(args), "prompts": PROMPTS, "topics": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 

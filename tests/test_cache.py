@@ -19,6 +19,7 @@ from codebook_lens.loading import load_codebook_model
 from codebook_lens.refs import CodeRef
 from codebook_lens.search import (
     SearchError,
+    effect_codes,
     frequency_by_rank,
     logit_effect,
     matching_tokens,
@@ -375,6 +376,43 @@ def test_similar_codes_and_logit_effect(built):
     assert got == hl.topk(3).indices.tolist()
 
 
+def test_effect_codes_rank_codes_by_the_words_they_promote(built):
+    """Against a scan of every code's stored promoted tokens (each checked against the
+    model by the test above): codes promoting the words, by their summed logits."""
+    _, cache, _ = built
+    vocab = cache.vocab()
+    first = logit_effect(cache, CodeRef("layer0_mlp", 3), top=20)["promoted"]
+    words = [first[0]["token"].upper(), f"  {first[1]['token'].strip()} "]  # case, spaces
+    wanted = {w.strip().lower() for w in words}
+    expected = []
+    for key in cache.codebooks:
+        info = cache.info(key)
+        for g in range(info.groups):
+            for c in range(info.num_codes):
+                ref = CodeRef(key, c, g)
+                rows = logit_effect(cache, ref, top=20)["promoted"]
+                hit = [r for r in rows if r["token"].strip().lower() in wanted and r["logit"] > 0]
+                if hit:
+                    score = sum(r["logit"] for r in hit)
+                    expected.append((str(ref), score, [vocab[r["token_id"]] for r in hit]))
+    expected.sort(key=lambda e: -e[1])
+    hits = effect_codes(cache, words, max_frequency=1.0, limit=None)
+    assert "layer0_mlp:3" in [str(h.ref) for h in hits]
+    assert [(str(h.ref), h.words) for h in hits] == [(e[0], e[2]) for e in expected]
+    assert [h.score for h in hits] == pytest.approx([e[1] for e in expected], rel=1e-5)
+    for h in hits:
+        assert h.frequency == pytest.approx(
+            cache.frequencies(h.ref.codebook)[h.ref.group, h.ref.code]
+        )
+    rare = effect_codes(cache, words, max_frequency=0.01, limit=2)
+    assert len(rare) <= 2 and all(h.frequency <= 0.01 for h in rare)
+    assert rare == [h for h in hits if h.frequency <= 0.01][:2]
+    with pytest.raises(SearchError, match="at least one word"):
+        effect_codes(cache, [" ", ""])
+    with pytest.raises(SearchError, match="max_frequency"):
+        effect_codes(cache, words, max_frequency=0)
+
+
 def test_cli_builds_and_queries_a_cache(model_dir, tmp_path, capsys):
     from codebook_lens.cli import main
 
@@ -422,6 +460,16 @@ def test_cli_builds_and_queries_a_cache(model_dir, tmp_path, capsys):
     ):
         assert main([*cmd, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)
+    words = [t["token"].strip() for t in logit_effect(cache, CodeRef.parse(code))["promoted"][:3]]
+    assert (
+        main(["promotes", str(out), "--words=" + ",".join(words), "--max-frequency", "1", "--json"])
+        == 0
+    )
+    promoted = json.loads(capsys.readouterr().out)
+    direct = effect_codes(cache, words, max_frequency=1.0, limit=20)
+    assert promoted["codes"] == [h.to_dict() for h in direct] and promoted["codes"]
+    assert main(["promotes", str(out), "--words=" + ",".join(words), "--max-frequency", "1"]) == 0
+    assert code in capsys.readouterr().out or len(direct) == 20
     # user mistakes: one clear line, exit 2
     assert main(["regex", str(out), "a(b"]) == 2
     assert "invalid pattern" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``codebook cache`` and the queries over a code cache (contexts, freq, regex, topic,
+"""``codebook cache`` and the queries over a code cache (contexts, freq, regex, topic, promotes,
 similar, effect)."""
 
 from __future__ import annotations
@@ -181,6 +181,24 @@ def _topic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _promotes(args: argparse.Namespace) -> int:
+    from .search import effect_codes
+
+    cache = _open(args.cache_dir)
+    words = [w for w in args.words.split(",") if w.strip()]
+    hits = effect_codes(cache, words, max_frequency=args.max_frequency, limit=args.limit)
+    if args.json:
+        _print_json({"words": words, "codes": [h.to_dict() for h in hits]})
+        return 0
+    print(f"  {'code':<30}{'score':>8}{'frequency':>11}  promoted words")
+    for h in hits:
+        shown = ", ".join(repr(w) for w in h.words[:6])
+        print(f"  {str(h.ref):<30}{h.score:>8.2f}{h.frequency:>11.5f}  {shown}")
+    if not hits:
+        print("  no code at that frequency promotes those words among its top tokens")
+    return 0
+
+
 def _similar(args: argparse.Namespace) -> int:
     from .refs import CodeRef
     from .search import similar_codes
@@ -268,6 +286,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_topic)
+
+    p = sub.add_parser(
+        "promotes", help="codes whose direct effect on the logits promotes given words"
+    )
+    p.add_argument("cache_dir", metavar="CACHE_DIR")
+    p.add_argument("--words", required=True, help="comma-separated, e.g. war,army,battle")
+    p.add_argument("--max-frequency", type=float, default=0.01)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_promotes)
 
     p = sub.add_parser("similar", help="codes whose vectors are closest (cosine) to a code's")
     p.add_argument("cache_dir", metavar="CACHE_DIR")

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -546,6 +547,68 @@ def logit_effect(cache: CodeCache, ref: CodeRef, top: int = 10) -> dict:
         "promoted": rows("promoted", "promoted_logit"),
         "suppressed": rows("suppressed", "suppressed_logit"),
     }
+
+
+@dataclass
+class EffectHit:
+    """A code whose direct effect on the logits promotes some of the given words."""
+
+    ref: CodeRef
+    score: float  # the summed centred logits of the words among its promoted tokens
+    words: list[str]  # those tokens' texts, most promoted first
+    frequency: float  # activations per cached token
+
+    def to_dict(self) -> dict:
+        return {
+            "code": str(self.ref),
+            "score": self.score,
+            "words": self.words,
+            "frequency": self.frequency,
+        }
+
+
+def effect_codes(
+    cache: CodeCache,
+    words: Sequence[str],
+    *,
+    max_frequency: float = 0.01,
+    limit: int | None = 50,
+    codebooks: list[str] | None = None,
+) -> list[EffectHit]:
+    """Codes whose direct effect on the logits (:func:`logit_effect`) promotes any of
+    ``words``: a promoted token counts when its text, stripped of spaces and lowercased,
+    is one of the words. Ranked by the summed centred logits of those tokens; codes
+    firing on more than ``max_frequency`` of the cached corpus are skipped.
+
+    Only the promoted tokens stored with the cache (its top 20 per code) are seen.
+    """
+    if not 0.0 < max_frequency <= 1.0:
+        raise SearchError(f"max_frequency must be in (0, 1], got {max_frequency}")
+    wanted = {w.strip().lower() for w in words if w.strip()}
+    if not wanted:
+        raise SearchError("give at least one word")
+    vocab = cache.vocab()
+    is_word = np.array([t.strip().lower() in wanted for t in vocab], dtype=bool)
+    hits: list[EffectHit] = []
+    for key in cache.codebooks:
+        if codebooks is not None and key not in codebooks:
+            continue
+        eff = cache.effects(key)
+        freq = cache.frequencies(key)
+        promoted, logits = eff["promoted"], eff["promoted_logit"]  # (G, C, top)
+        match = is_word[promoted] & (logits > 0)
+        score = np.where(match, logits, 0.0).sum(-1)  # (G, C)
+        for g, c in zip(*np.nonzero(score > 0), strict=True):
+            if freq[g, c] > max_frequency:
+                continue
+            texts = [vocab[t] for t in promoted[g, c][match[g, c]].tolist()]
+            hits.append(
+                EffectHit(
+                    CodeRef(key, int(c), int(g)), float(score[g, c]), texts, float(freq[g, c])
+                )
+            )
+    hits.sort(key=lambda h: (-h.score, h.frequency))
+    return hits if limit is None else hits[:limit]
 
 
 def frequency_by_rank(cache: CodeCache, key: str) -> np.ndarray:
