@@ -7,7 +7,9 @@ For each topic: its codes come from topic search on a short text about the topic
 words (same frequency cap); then
 ``--samples`` continuations of each of the prompts are sampled with and without those
 codes forced on (same seeds), and the fraction of continuations that use one of the
-topic's words is reported. Samples are saved next to the summary for inspection.
+topic's words is reported, with the model's mean next-token loss on the baseline and
+steered continuations (unsteered model; a fluency check). Samples are saved next to
+the summary for inspection.
 ``--strength 1,4,10`` repeats the steered runs with each forced code times 4 and 10.
 
     python benchmarks/steering_topics.py runs/cache-smollm2-1m --out runs/steering
@@ -19,6 +21,8 @@ import argparse
 import json
 from collections import Counter
 from pathlib import Path
+
+import torch
 
 from codebook_lens.cache import CodeCache
 from codebook_lens.search import effect_codes, topic_codes
@@ -147,6 +151,27 @@ PROMPTS = [
 ]
 
 
+@torch.no_grad()
+def mean_nll(loaded, prompts: list[str], samples: list[list[str]]) -> float:
+    """Mean next-token loss of the continuations under the model without intervention:
+    a fluency check, since a strong push can make text on topic but broken."""
+    model, codec = loaded.model, loaded.codec
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for prompt, texts in zip(prompts, samples, strict=True):
+        start = len(codec.encode(prompt)[0])
+        for text in texts:
+            ids = codec.encode(prompt + text)[0]
+            if len(ids) <= start or start == 0:
+                continue
+            x = torch.tensor([ids], device=device)
+            logits = model(x).logits[0, start - 1 : -1].float()
+            target = x[0, start:]
+            total += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            count += target.numel()
+    return total / max(1, count)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cache_dir")
@@ -225,6 +250,10 @@ def main() -> None:
                 seed=args.seed,
                 progress=False,
             )
+            nll = (
+                mean_nll(loaded, PROMPTS, result.baseline),
+                mean_nll(loaded, PROMPTS, result.steered),
+            )
             suffix = "" if strength == 1 else f"-x{strength:g}"
             result.save(out / f"{name}{suffix}.json")
             rows.append(
@@ -234,12 +263,15 @@ def main() -> None:
                     "codes": [h.to_dict() for h in hits],
                     "baseline": result.baseline_fraction,
                     "steered": result.steered_fraction,
+                    "baseline_nll": nll[0],
+                    "steered_nll": nll[1],
                     "samples": args.samples * len(PROMPTS),
                 }
             )
             print(
                 f"{name:<10} x{strength:<5g} baseline {result.baseline_fraction:6.1%}  steered "
-                f"{result.steered_fraction:6.1%}  codes "
+                f"{result.steered_fraction:6.1%}  loss of the samples {nll[0]:.2f} -> "
+                f"{nll[1]:.2f}  codes "
                 + (", ".join(str(c) for c in codes) if len(codes) <= 5 else f"{len(codes)} codes"),
                 flush=True,
             )
