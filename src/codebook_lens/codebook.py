@@ -20,20 +20,24 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _native
+from .topk import SIMILARITIES, Similarity, search_keys, topk_codes
 
-Similarity = Literal["cosine", "inner_product", "euclidean"]
-SIMILARITIES: tuple[str, ...] = ("cosine", "inner_product", "euclidean")
-
-MIB = 1 << 20
-TILE_TOKENS = 512  # score tile of the compiled search kernel: 512 tokens x 4096 codes (8 MiB)
-TILE_CODES = 4096
+__all__ = [
+    "EMPTY_SLOT",
+    "SIMILARITIES",
+    "Codebook",
+    "CodebookConfig",
+    "CodebookLookup",
+    "CodebookOutput",
+    "Similarity",
+    "search_keys",
+    "topk_codes",
+]
 
 
 @dataclass
@@ -125,94 +129,6 @@ class CodebookOutput:
 
 
 # ----------------------------------------------------------------------------------------
-# nearest-code search
-
-
-def search_keys(weight: torch.Tensor, similarity: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Return ``(keys, bias)`` so that ``score = alpha * x @ keys^T + bias`` ranks codes.
-
-    cosine: keys are unit-norm codes (the input's norm does not change its ranking, so the
-    input is never normalised). inner_product: raw codes. euclidean: ranking by
-    ``2 x.c - |c|^2`` equals ranking by ``-|x - c|^2``.
-    """
-    if similarity == "cosine":
-        return F.normalize(weight, dim=-1), None
-    if similarity == "inner_product":
-        return weight, None
-    if similarity == "euclidean":
-        return weight, -(weight * weight).sum(-1).unsqueeze(1)  # (G, 1, C)
-    raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
-
-
-def chunk_rows(groups: int, num_codes: int, itemsize: int, budget_bytes: float) -> int:
-    """Tokens per chunk so that the (G, rows, C) score matrix fits the budget."""
-    return max(1, int(budget_bytes // (groups * num_codes * itemsize)))
-
-
-@torch.no_grad()
-def topk_codes(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    k: int,
-    similarity: str = "cosine",
-    chunk_mib: float = 256.0,
-    native_search: bool = True,
-) -> torch.Tensor:
-    """Ids of the k most similar codes, best first.
-
-    x: ``(N, G, d)`` activations; weight: ``(G, C, d)`` codebooks.
-    Returns ``(N, G, k)`` int64. The score matrix held at once is at most
-    ``chunk_mib`` MiB (one token row at the least); chunking changes no result.
-
-    For float32 on the CPU the compiled kernel (see ``_native``) is used when it is
-    available and ``native_search``: it holds one tile of at most ``TILE_CODES x
-    TILE_TOKENS`` scores (fewer codes when the budget is smaller) and its result does
-    not depend on the budget.
-    """
-    n, groups, dim = x.shape
-    if weight.dim() != 3 or weight.shape[0] != groups or weight.shape[2] != dim:
-        raise ValueError(
-            f"activations of shape {tuple(x.shape)} do not match codebooks of shape "
-            f"{tuple(weight.shape)} (expected (N, G, d) against (G, C, d))"
-        )
-    num_codes = weight.shape[1]
-    keys, bias = search_keys(weight.to(x.dtype), similarity)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and native_search:
-        kernel = _native.load()
-        if kernel is not None:
-            alpha = 2.0 if bias is not None else 1.0
-            no_bias = torch.empty(0)
-            tile_codes = int(min(TILE_CODES, max(16, chunk_mib * MIB // (4 * TILE_TOKENS))))
-            return kernel.fused_topk(
-                x.transpose(0, 1).contiguous(),
-                keys.contiguous(),
-                no_bias if bias is None else bias.reshape(groups, num_codes),
-                alpha,
-                k,
-                TILE_TOKENS,
-                tile_codes,
-            )
-    keys_t = keys.transpose(1, 2).contiguous()  # (G, d, C)
-    xt = x.transpose(0, 1)  # (G, N, d), a view
-    rows = min(n, chunk_rows(groups, num_codes, x.element_size(), chunk_mib * MIB))
-    buf = torch.empty(groups * rows * num_codes, dtype=x.dtype, device=x.device)
-    ids = torch.empty(n, groups, k, dtype=torch.long, device=x.device)
-    for start in range(0, n, rows):
-        m = min(rows, n - start)
-        scores = buf[: groups * m * num_codes].view(groups, m, num_codes)
-        if bias is None:
-            torch.bmm(xt[:, start : start + m], keys_t, out=scores)
-        else:
-            torch.baddbmm(bias, xt[:, start : start + m], keys_t, alpha=2.0, out=scores)
-        if k == 1:
-            best = scores.argmax(dim=-1, keepdim=True)
-        else:
-            best = scores.topk(k, dim=-1, sorted=True).indices
-        ids[start : start + m] = best.transpose(0, 1)
-    return ids
-
-
-# ----------------------------------------------------------------------------------------
 # lookup with straight-through gradient
 
 
@@ -226,8 +142,11 @@ def _flat_ids(ids: torch.Tensor, num_codes: int) -> torch.Tensor:
 EMPTY_SLOT = -1  # an id slot that holds no code (an intervention may leave slots empty)
 
 
-def scatter_rows(flat: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``out[flat[i, j]] += rows[i]`` for every token i and slot j: ``(num_rows, d)``.
+def scatter_rows(
+    flat: torch.Tensor, rows: torch.Tensor, num_rows: int, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``out[flat[i, j]] += weights[i, j] * rows[i]`` (weights 1 when None) for every
+    token i and slot j: ``(num_rows, d)``.
 
     On the CPU this is the product of a transposed sparse selection matrix (CSR, k
     entries per token) with ``rows``, which MKL runs several times faster than
@@ -236,14 +155,18 @@ def scatter_rows(flat: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch
     n, k = flat.shape
     if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
         crow = torch.arange(0, n * k + 1, k, device=rows.device)
-        ones = torch.ones(n * k, dtype=rows.dtype, device=rows.device)
+        if weights is None:
+            values = torch.ones(n * k, dtype=rows.dtype, device=rows.device)
+        else:
+            values = weights.reshape(-1).to(rows.dtype)
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
-            select = torch.sparse_csr_tensor(crow, flat.reshape(-1), ones, (n, num_rows))
+            select = torch.sparse_csr_tensor(crow, flat.reshape(-1), values, (n, num_rows))
         return select.t() @ rows
     out = torch.zeros(num_rows, rows.shape[1], dtype=rows.dtype, device=rows.device)
     for slot in range(k):
-        out.index_add_(0, flat[:, slot], rows)
+        part = rows if weights is None else rows * weights[:, slot : slot + 1].to(rows.dtype)
+        out.index_add_(0, flat[:, slot], part)
     return out
 
 
@@ -256,27 +179,41 @@ class CodebookLookup(torch.autograd.Function):
     into the k selected rows per token with ``index_add_``; no N x C tensor exists.
 
     ``ids`` may have any number of slots. With ``empty_slots``, a slot holding
-    :data:`EMPTY_SLOT` adds nothing and receives no gradient.
+    :data:`EMPTY_SLOT` adds nothing and receives no gradient, and ``scales`` (the shape
+    of ids, or None for all 1) multiplies each slot's code in the sum and its gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, ids, lm_grad_to_codes: bool, empty_slots: bool = False):
+    def forward(
+        ctx,
+        x,
+        weight,
+        ids,
+        lm_grad_to_codes: bool,
+        empty_slots: bool = False,
+        scales: torch.Tensor | None = None,
+    ):
         n, groups, dim = x.shape
         num_codes = weight.shape[1]
         table = weight.reshape(groups * num_codes, dim)
+        per_slot = None
         if empty_slots:
             filled = ids >= 0
             flat = _flat_ids(ids.clamp(min=0), num_codes)
-            q = F.embedding_bag(
-                flat, table, mode="sum", per_sample_weights=filled.view(flat.shape).to(table.dtype)
-            )
+            kept = filled if scales is None else scales * filled
+            per_slot = kept.view(flat.shape).to(table.dtype)
+            q = F.embedding_bag(flat, table, mode="sum", per_sample_weights=per_slot)
             # backward scatters empty slots into a spare row past the end, then drops it
             flat = flat.masked_fill(~filled.view(flat.shape), groups * num_codes)
+            if scales is None:
+                per_slot = None  # every filled slot counts once
+        elif scales is not None:
+            raise ValueError("slot scales need empty_slots=True")
         else:
             flat = _flat_ids(ids, num_codes)
             q = F.embedding_bag(flat, table, mode="sum")
         q = q.view(n, groups, dim).to(x.dtype)
-        ctx.save_for_backward(flat)
+        ctx.save_for_backward(flat, per_slot)
         ctx.weight_shape = weight.shape
         ctx.weight_dtype = weight.dtype
         ctx.lm_grad_to_codes = lm_grad_to_codes
@@ -286,7 +223,7 @@ class CodebookLookup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_rec):
-        (flat,) = ctx.saved_tensors
+        flat, per_slot = ctx.saved_tensors
         grad_x = grad_out if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
@@ -299,9 +236,9 @@ class CodebookLookup(torch.autograd.Function):
             else:
                 rows = total.reshape(-1, dim).to(ctx.weight_dtype)
                 spare = 1 if ctx.empty_slots else 0  # the row that empty slots scatter into
-                grad = scatter_rows(flat, rows, groups * num_codes + spare)
+                grad = scatter_rows(flat, rows, groups * num_codes + spare, per_slot)
                 grad_w = grad[: groups * num_codes].view(groups, num_codes, dim)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -311,20 +248,6 @@ class CodebookLookup(torch.autograd.Function):
 # (ids, activations) -> ids, or (ids, scales) where ``scales`` (the shape of ids) weighs
 # each slot's code in the output (1: as usual)
 IdsHook = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
-
-
-def weighted_code_sum(
-    weight: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor
-) -> torch.Tensor:
-    """``(N, G, d)``: per token and group, the codes of ``ids`` (``(N, G, slots)``, from
-    ``weight`` ``(G, C, d)``) times ``scales`` (same shape as ids), summed;
-    :data:`EMPTY_SLOT` adds nothing."""
-    groups, num_codes, dim = weight.shape
-    filled = ids >= 0
-    flat = _flat_ids(ids.clamp(min=0), num_codes)
-    per_slot = (scales * filled).reshape(flat.shape).to(weight.dtype)
-    q = F.embedding_bag(flat, weight.reshape(-1, dim), mode="sum", per_sample_weights=per_slot)
-    return q.view(ids.shape[0], groups, dim)
 
 
 class Codebook(nn.Module):
@@ -431,9 +354,7 @@ class Codebook(nn.Module):
         if dense is not None:  # after the hook: an intervention cannot quantize an outlier
             ids = ids.masked_fill(dense.unsqueeze(-1), EMPTY_SLOT)
         empty = hooked or dense is not None
-        out, rec = CodebookLookup.apply(a, self.weight, ids, c.lm_grad_to_codes, empty)
-        if scales is not None:  # a slot with scale s adds s - 1 more times its code
-            out = out + weighted_code_sum(self.weight, ids, scales - 1).to(out.dtype)
+        out, rec = CodebookLookup.apply(a, self.weight, ids, c.lm_grad_to_codes, empty, scales)
         target = a.detach()
         if dense is not None:  # outliers keep their activation and stay out of the losses
             out = torch.where(dense.unsqueeze(-1), a, out)
