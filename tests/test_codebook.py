@@ -180,6 +180,29 @@ def test_codebook_gradient_finite_differences():
     assert torch.autograd.gradcheck(f, (w,), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])  # CSR and index_add paths
+def test_slot_scales_weigh_codes_and_their_gradient(dtype):
+    """With slot scales (an intervention's strength), the sum and the codes' gradient
+    equal those of sum_j scale_j * W[id_j]; empty slots add nothing."""
+    torch.manual_seed(4)
+    x = torch.randn(5, 2, 4, dtype=dtype)
+    w = torch.randn(2, 9, 4, dtype=dtype, requires_grad=True)
+    ids = topk_codes(x.double(), w.detach().double(), 3, "cosine")
+    ids[1, 0, 2] = EMPTY_SLOT
+    scales = torch.rand(ids.shape) * 3 - 1
+    out, _ = CodebookLookup.apply(x, w, ids, True, True, scales)
+    upstream = torch.randn(out.shape, dtype=dtype)
+    (out * upstream).sum().backward()
+    ref_w = w.detach().double().requires_grad_(True)
+    ref = torch.zeros(5, 2, 4, dtype=torch.float64)
+    for n, g, j in torch.nonzero(ids >= 0).tolist():
+        ref[n, g] = ref[n, g] + scales[n, g, j].double() * ref_w[g, ids[n, g, j]]
+    (ref * upstream.double()).sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else 5e-2
+    assert torch.allclose(out.double(), ref.detach(), atol=tol)
+    assert torch.allclose(w.grad.double(), ref_w.grad, atol=tol)
+
+
 def test_gradient_reaches_only_selected_rows():
     cb = make(num_codes=200, k=2)
     x = torch.randn(10, 16)
