@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 from codebook_lens.cache import CodeCache
-from codebook_lens.search import effect_codes, topic_codes
+from codebook_lens.search import effect_codes, per_codebook, topic_codes
 from codebook_lens.steering import steering_eval
 
 TOPICS = {
@@ -224,14 +223,8 @@ def main() -> None:
             )
         else:
             hits = effect_codes(cache, words, max_frequency=args.max_frequency, limit=limit)
-        if args.per_codebook is not None:  # hits are sorted by coverage: keep each book's first N
-            taken: Counter[str] = Counter()
-            kept = []
-            for h in hits:
-                taken[h.ref.codebook] += 1
-                if taken[h.ref.codebook] <= args.per_codebook:
-                    kept.append(h)
-            hits = kept
+        if args.per_codebook is not None:  # hits are best first: keep each book's first N
+            hits = per_codebook(hits, args.per_codebook)
         if not hits:
             rows.append({"topic": name, "codes": [], "note": "no code passed the filters"})
             continue

@@ -24,6 +24,7 @@ from codebook_lens.search import (
     logit_effect,
     matching_tokens,
     neuron_baseline,
+    per_codebook,
     regex_codes,
     score_codes,
     similar_codes,
@@ -346,6 +347,28 @@ def test_topic_codes_count_coverage(built):
     assert covers == sorted(covers, reverse=True)
     rare = topic_codes(cache, TOPIC_TEXT, min_fraction=0.2, max_frequency=0.3, limit=None)
     assert all(h.frequency <= 0.3 for h in rare) and len(rare) <= len(hits)
+
+
+def test_per_codebook_keeps_each_books_first_hits_in_order(built):
+    _, cache, _ = built
+    hits = topic_codes(cache, TOPIC_TEXT, min_fraction=0.05, max_frequency=1.0, limit=None)
+    books = {h.ref.codebook for h in hits}
+    assert len(books) >= 2 and len(hits) > 2 * len(books)  # the case is not trivial
+    for n in (1, 2):
+        kept = per_codebook(hits, n)
+        expected = [
+            h
+            for i, h in enumerate(hits)
+            if sum(g.ref.codebook == h.ref.codebook for g in hits[:i]) < n
+        ]
+        assert kept == expected
+        assert all(
+            sum(h.ref.codebook == b for h in kept) == min(n, sum(h.ref.codebook == b for h in hits))
+            for b in books
+        )
+    assert per_codebook(hits, len(hits)) == hits
+    with pytest.raises(SearchError, match=">= 1"):
+        per_codebook(hits, 0)
 
 
 def test_similar_codes_and_logit_effect(built):

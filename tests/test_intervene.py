@@ -606,8 +606,10 @@ def test_cli_steer_eval_with_codes(saved, tmp_path, capsys):
     assert "baseline" in capsys.readouterr().out
 
 
-def test_cli_steer_eval_picks_codes_from_a_cache(saved, monkeypatch, capsys):
-    calls = []
+def _fake_cache_search(monkeypatch, calls):
+    """A stand-in cache and search module: two codes of layer0_mlp and one of layer1_mlp,
+    best first, from either selection."""
+    from codebook_lens.search import per_codebook
 
     class CodeCache:
         @staticmethod
@@ -615,30 +617,61 @@ def test_cli_steer_eval_picks_codes_from_a_cache(saved, monkeypatch, capsys):
             calls.append(("open", directory))
             return "cache"
 
+    hit = types.SimpleNamespace
+    refs = [CodeRef("layer1_mlp", 3), CodeRef("layer0_mlp", 5), CodeRef("layer0_mlp", 6)]
+
     def topic_codes(cache, text, **limits):
         calls.append(("topic", cache, text, limits))
-        hit = types.SimpleNamespace
-        return [
-            hit(ref=CodeRef("layer1_mlp", 3), coverage=0.9, frequency=0.01),
-            hit(ref=CodeRef("layer0_mlp", 5), coverage=0.8, frequency=0.02),
-            hit(ref=CodeRef("layer0_mlp", 6), coverage=0.7, frequency=0.03),
-        ]
+        return [hit(ref=r, coverage=0.9 - i / 10, frequency=0.01) for i, r in enumerate(refs)]
+
+    def effect_codes(cache, words, **limits):
+        calls.append(("effect", cache, list(words), limits))
+        return [hit(ref=r, score=5.0 - i, frequency=0.02) for i, r in enumerate(refs)]
 
     monkeypatch.setitem(
         sys.modules, "codebook_lens.cache", types.SimpleNamespace(CodeCache=CodeCache)
     )
-    monkeypatch.setitem(
-        sys.modules, "codebook_lens.search", types.SimpleNamespace(topic_codes=topic_codes)
+    search = types.SimpleNamespace(
+        topic_codes=topic_codes, effect_codes=effect_codes, per_codebook=per_codebook
     )
+    monkeypatch.setitem(sys.modules, "codebook_lens.search", search)
+
+
+def test_cli_steer_eval_picks_codes_from_a_cache(saved, monkeypatch, capsys):
+    calls = []
+    _fake_cache_search(monkeypatch, calls)
     args = ["steer-eval", str(saved), "--words", "cat", "--cache", "C", "--topic-text", "cats"]
     args += ["--max-codes", "2", "--max-frequency", "0.05", "--prompt", "she", "--samples", "1"]
     assert main([*args, "--max-new-tokens", "3", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert calls == [("open", "C"), ("topic", "cache", "cats", {"max_frequency": 0.05})]
+    limits = {"max_frequency": 0.05, "limit": None}
+    assert calls == [("open", "C"), ("topic", "cache", "cats", limits)]
     assert summary["force"] == ["layer1_mlp:3", "layer0_mlp:5"]
     assert [s["code"] for s in summary["selected"]] == summary["force"]
+    assert [s["coverage"] for s in summary["selected"]] == [0.9, 0.8]
     assert main(["steer-eval", str(saved), "--words", "cat", "--cache", "C", "--prompt", "x"]) == 2
     assert "--cache needs --topic-text" in capsys.readouterr().err
+
+
+def test_cli_steer_eval_selects_by_effect_and_per_codebook(saved, monkeypatch, capsys):
+    calls = []
+    _fake_cache_search(monkeypatch, calls)
+    args = ["steer-eval", str(saved), "--words", "cat,dog", "--cache", "C", "--select", "effect"]
+    args += ["--per-codebook", "1", "--prompt", "she", "--samples", "1", "--max-new-tokens", "3"]
+    assert main([*args, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert calls == [("open", "C"), ("effect", "cache", ["cat", "dog"], {"limit": None})]
+    # the best code of each codebook: layer0_mlp:6 is the second of its book
+    assert summary["force"] == ["layer1_mlp:3", "layer0_mlp:5"]
+    assert [s["score"] for s in summary["selected"]] == [5.0, 4.0]
+    assert main(args) == 0
+    assert "selected layer1_mlp:3: logit score 5.00" in capsys.readouterr().out
+    for bad, message in (
+        (["--min-fraction", "0.2"], "--min-fraction applies to --select topic"),
+        (["--per-codebook", "0"], "--per-codebook must be >= 1, got 0"),
+    ):
+        assert main([*args, *bad]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_token_positions_prefer_position_ids():

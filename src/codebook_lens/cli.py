@@ -162,6 +162,57 @@ def _steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _codes_from_cache(args: argparse.Namespace, words: list[str]) -> tuple[list, list] | int:
+    """steer-eval --cache: the topic's codes and what made each one chosen (or an exit
+    status after a message)."""
+    topic = args.select == "topic"
+    if topic and not args.topic_text:
+        print("codebook steer-eval: --cache needs --topic-text", file=sys.stderr)
+        return 2
+    for flag, value in (("--per-codebook", args.per_codebook), ("--max-codes", args.max_codes)):
+        if value is not None and value < 1:
+            print(f"codebook steer-eval: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if not topic and args.min_fraction is not None:
+        print("codebook steer-eval: --min-fraction applies to --select topic", file=sys.stderr)
+        return 2
+    try:
+        from .cache import CodeCache
+        from .search import effect_codes, per_codebook, topic_codes
+    except ImportError as err:
+        print(f"codebook steer-eval: --cache is unavailable here ({err})", file=sys.stderr)
+        return 2
+    limits = {
+        name: value
+        for name, value in (
+            ("min_fraction", args.min_fraction),
+            ("max_frequency", args.max_frequency),
+        )
+        if value is not None
+    }
+    cache = CodeCache.open(args.cache)
+    if topic:
+        hits = list(topic_codes(cache, args.topic_text, **limits, limit=None))
+    else:
+        hits = list(effect_codes(cache, words, **limits, limit=None))
+    if args.per_codebook is not None:
+        hits = per_codebook(hits, args.per_codebook)
+    else:
+        hits = hits[: args.max_codes]
+    if not hits:
+        hint = "lower --min-fraction or raise --max-frequency" if topic else "raise --max-frequency"
+        print(
+            f"codebook steer-eval: no code in {args.cache} fits the topic; {hint}", file=sys.stderr
+        )
+        return 2
+    selected = []
+    for hit in hits:
+        row = {"code": str(hit.ref), "frequency": hit.frequency}
+        row.update({"coverage": hit.coverage} if topic else {"score": hit.score})
+        selected.append(row)
+    return [hit.ref for hit in hits], selected
+
+
 def _steer_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -184,37 +235,10 @@ def _steer_eval(args: argparse.Namespace) -> int:
         return 2
     selected = []
     if args.cache:
-        if not args.topic_text:
-            print("codebook steer-eval: --cache needs --topic-text", file=sys.stderr)
-            return 2
-        try:
-            from .cache import CodeCache
-            from .search import topic_codes
-        except ImportError as err:
-            print(f"codebook steer-eval: --cache is unavailable here ({err})", file=sys.stderr)
-            return 2
-        limits = {
-            name: value
-            for name, value in (
-                ("min_fraction", args.min_fraction),
-                ("max_frequency", args.max_frequency),
-            )
-            if value is not None
-        }
-        hits = list(topic_codes(CodeCache.open(args.cache), args.topic_text, **limits))
-        hits = hits[: args.max_codes]
-        if not hits:
-            print(
-                f"codebook steer-eval: no code in {args.cache} fits the topic text; "
-                "lower --min-fraction or raise --max-frequency",
-                file=sys.stderr,
-            )
-            return 2
-        codes = [hit.ref for hit in hits]
-        selected = [
-            {"code": str(hit.ref), "coverage": hit.coverage, "frequency": hit.frequency}
-            for hit in hits
-        ]
+        picked = _codes_from_cache(args, words)
+        if isinstance(picked, int):
+            return picked
+        codes, selected = picked
     else:
         codes = args.code
     intervention = _intervention_from(args, codes)
@@ -242,10 +266,12 @@ def _steer_eval(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     for hit in selected:
-        print(
-            f"  selected {hit['code']}: coverage {hit['coverage']:.2f}, "
-            f"frequency {hit['frequency']:.4f}"
+        why = (
+            f"coverage {hit['coverage']:.2f}"
+            if "coverage" in hit
+            else f"logit score {hit['score']:.2f}"
         )
+        print(f"  selected {hit['code']}: {why}, frequency {hit['frequency']:.4f}")
     total = summary["samples"]
     print(f"codes: {', '.join(summary['force'])} ({summary['mode']}, {summary['positions']})")
     print(f"topic words: {', '.join(words)}")
@@ -338,9 +364,23 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--code", action="append", metavar="CODE", help="force a code on")
     which.add_argument("--cache", metavar="CACHE_DIR", help="pick topic codes from a code cache")
-    p.add_argument("--topic-text", help="with --cache: text about the topic")
+    p.add_argument(
+        "--select",
+        choices=["topic", "effect"],
+        default="topic",
+        help="with --cache: codes that fire on --topic-text (topic, the paper's way) or codes "
+        "whose direct logit effect promotes the --words (effect)",
+    )
+    p.add_argument("--topic-text", help="with --cache --select topic: text about the topic")
     p.add_argument("--max-codes", type=int, default=3, metavar="N", help="with --cache (default 3)")
-    p.add_argument("--min-fraction", type=float, default=None, help="with --cache")
+    p.add_argument(
+        "--per-codebook",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --cache, instead of --max-codes: the best N codes of every codebook",
+    )
+    p.add_argument("--min-fraction", type=float, default=None, help="with --select topic")
     p.add_argument("--max-frequency", type=float, default=None, help="with --cache")
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="FILE", help="prompts, one per line")

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -609,6 +610,23 @@ def effect_codes(
             )
     hits.sort(key=lambda h: (-h.score, h.frequency))
     return hits if limit is None else hits[:limit]
+
+
+Hit = TypeVar("Hit", "TopicHit", "EffectHit")
+
+
+def per_codebook(hits: Sequence[Hit], n: int) -> list[Hit]:
+    """The first ``n`` hits of every codebook, in the order given (the paper steers with
+    codes of every layer: the best of each codebook, not the best overall)."""
+    if n < 1:
+        raise SearchError(f"per-codebook count must be >= 1, got {n}")
+    taken: dict[str, int] = {}
+    kept = []
+    for hit in hits:
+        taken[hit.ref.codebook] = taken.get(hit.ref.codebook, 0) + 1
+        if taken[hit.ref.codebook] <= n:
+            kept.append(hit)
+    return kept
 
 
 def frequency_by_rank(cache: CodeCache, key: str) -> np.ndarray:
