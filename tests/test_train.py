@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 from codebook_lens.cli import main as cli_main
 from codebook_lens.config import load_train_config
-from codebook_lens.train import TrainError, train
+from codebook_lens.train import TrainError, distill_loss, train
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,56 @@ def test_freeze_base_trains_codebooks_only(tiny_dir, tmp_path):
     model_dir = tmp_path / "frozen" / "model"
     assert (model_dir / "codebooks.safetensors").is_file()
     assert not (model_dir / "base").exists()
+
+
+def test_distill_loss_is_the_mean_kl_over_predicted_positions():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 7, (2, 5), generator=gen)
+    labels[0, 2] = labels[1, 4] = -100  # their predicting positions (0, 1) and (1, 3) drop out
+    kept = [(b, t) for b in range(2) for t in range(4) if labels[b, t + 1] != -100]
+    assert len(kept) == 6
+
+    def kl(b, t):  # by hand, from the definition
+        p = [math.exp(v) for v in teacher[b, t].tolist()]
+        q = [math.exp(v) for v in logits[b, t].tolist()]
+        p = [v / sum(p) for v in p]
+        q = [v / sum(q) for v in q]
+        return sum(pv * math.log(pv / qv) for pv, qv in zip(p, q, strict=True))
+
+    loss = distill_loss(logits, teacher, labels)
+    assert loss.item() == pytest.approx(sum(kl(b, t) for b, t in kept) / 6, rel=1e-12)
+    everything = [(b, t) for b in range(2) for t in range(4)]
+    unmasked = distill_loss(logits, teacher)
+    assert unmasked.item() == pytest.approx(sum(kl(b, t) for b, t in everything) / 8, rel=1e-12)
+    # gradient: (softmax(logits) - softmax(teacher)) / count at kept positions, 0 elsewhere
+    loss.backward()
+    expected = torch.zeros_like(logits)
+    for b, t in kept:
+        expected[b, t] = (logits[b, t].softmax(-1) - teacher[b, t].softmax(-1)).detach() / 6
+    assert torch.allclose(logits.grad, expected, atol=1e-14)
+    assert distill_loss(teacher, teacher.clone(), labels).item() == pytest.approx(0, abs=1e-12)
+
+
+def test_distillation_pulls_the_codebook_model_toward_the_base(tiny_dir, tmp_path):
+    """Trained on the KL alone (no LM, no reconstruction term), the codebooks of a frozen
+    model move toward the base model's predictions."""
+    sites = (
+        "codebooks.sites=[{site: mlp, codebook: {num_codes: 32, k: 1, "
+        "reconstruction_weight: 0, commitment_weight: 0}}]"
+    )
+    extra = ["optim.freeze_base=true", "optim.lm_weight=0", "optim.distill_weight=1", sites]
+    extra += ["schedule.max_steps=40", "schedule.grad_accum=1", "logging.every=10"]
+    extra += ["optim.codebook_lr=0.01", "schedule.scheduler=constant", "eval.every=1000"]
+    train(make_cfg(tiny_dir, tmp_path / "distill", *extra))
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()
+    ]
+    kls = [r["distill_kl"] for r in records if "distill_kl" in r]
+    assert len(kls) == 4 and all(math.isfinite(v) and v > 0 for v in kls)
+    assert kls[-1] < 0.5 * kls[0], kls
 
 
 @pytest.mark.parametrize(

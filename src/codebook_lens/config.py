@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -225,12 +226,30 @@ class CodebooksSection:
 
 @dataclasses.dataclass
 class OptimSection:
+    """lm_weight and distill_weight weigh the two output terms of the loss: the LM
+    cross-entropy and the KL divergence from the model with its codebooks off (the base
+    model) to the codebook model, per token. Distillation needs ``freeze_base``: the
+    teacher is the same frozen weights run without codebooks, at no memory cost."""
+
     lr: float = 1e-4
     codebook_lr: float = 1e-3
     weight_decay: float = 0.0
     freeze_base: bool = False
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float | None = 1.0
+    lm_weight: float = 1.0
+    distill_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("lm_weight", "distill_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"optim.{name} must be finite and >= 0, got {value}")
+        if self.distill_weight > 0 and not self.freeze_base:
+            raise ConfigError(
+                "optim.distill_weight > 0 needs optim.freeze_base: true (the teacher is the "
+                "frozen base model run without its codebooks)"
+            )
 
 
 @dataclasses.dataclass

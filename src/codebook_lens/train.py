@@ -2,7 +2,8 @@
 
     codebook train CONFIG.yaml [key=value ...] [--resume]
 
-Loss = LM cross-entropy + the codebooks' reconstruction loss. Runs under
+Loss = LM cross-entropy + the codebooks' reconstruction loss (+ optionally, with the
+base frozen, the KL divergence from the base model's next-token distribution). Runs under
 ``accelerate launch`` / ``torchrun`` as well as alone: usage statistics are
 all-reduced and revived codes broadcast from rank 0, so every rank holds identical
 codebooks. Metrics go to ``OUTPUT/metrics.jsonl`` (and W&B / TensorBoard when
@@ -154,6 +155,23 @@ def kmeans_init(
         cb.kmeans_init_(torch.cat(samples[key])[:tokens].to(cb.weight.device), generator=gen)
 
 
+def distill_loss(
+    logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over predicted positions of KL(teacher || model) between next-token
+    distributions: ``sum_v p_t(v) (log p_t(v) - log p(v))``. Positions whose next label
+    is -100 (masked out of the LM loss) are left out here too; the last position, which
+    predicts nothing, is always left out."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # at least float32
+    student = logits[:, :-1].to(dtype).log_softmax(-1)
+    target = teacher[:, :-1].to(dtype).log_softmax(-1)
+    per_token = (target.exp() * (target - student)).sum(-1)
+    if labels is not None:
+        keep = labels[:, 1:] != -100
+        return per_token[keep].sum() / keep.sum().clamp(min=1)
+    return per_token.mean()
+
+
 # ----------------------------------------------------------------------------------------
 # metrics
 
@@ -165,11 +183,12 @@ class Window:
     steps: int = 0
     lm: float = 0.0
     rec: float = 0.0
+    kl: float = 0.0
     tokens: int = 0
     seconds: float = 0.0
 
     def reset(self) -> None:
-        self.steps, self.lm, self.rec, self.tokens, self.seconds = 0, 0.0, 0.0, 0, 0.0
+        self.steps, self.lm, self.rec, self.kl, self.tokens, self.seconds = 0, 0.0, 0.0, 0.0, 0, 0.0
 
 
 def codebook_metrics(
@@ -513,6 +532,7 @@ def _loop(
     eval_batches = eval_blocks.first(cfg.eval.batches, cfg.schedule.batch_size)
 
     accum = cfg.schedule.grad_accum
+    distill = cfg.optim.distill_weight > 0
     window = Window()
     usage_before = {k: cb.usage.clone() for k, cb in raw.codebooks.items()}
     mse: dict[str, list[float]] = {k: [] for k in raw.codebooks}
@@ -538,8 +558,17 @@ def _loop(
             sync = micro == accum - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
+                teacher = None
+                if distill:
+                    with torch.no_grad(), raw.codebooks_disabled():
+                        teacher = model(batch, return_codes=False).logits
                 out = model(batch, labels=labels, return_codes=False)
-                loss = out.loss / accum
+                loss = out.reconstruction_loss + cfg.optim.lm_weight * out.lm_loss
+                if teacher is not None:
+                    kl = distill_loss(out.logits, teacher, labels)
+                    loss = loss + cfg.optim.distill_weight * kl
+                    window.kl += kl.item() / accum
+                loss = loss / accum
             accelerator.backward(loss)
             window.lm += out.lm_loss.item() / accum
             window.rec += out.reconstruction_loss.item() / accum
@@ -559,9 +588,11 @@ def _loop(
         window.seconds += time.perf_counter() - t0
         done = step + 1
         if main:
+            shown = {"lm": out.lm_loss.item(), "rec": out.reconstruction_loss.item()}
+            if distill:
+                shown["kl"] = kl.item()
             bar.set_postfix(
-                lm=f"{out.lm_loss.item():.3f}",
-                rec=f"{out.reconstruction_loss.item():.3f}",
+                **{name: f"{value:.3f}" for name, value in shown.items()},
                 tok_s=f"{window.tokens / max(window.seconds, 1e-9):.0f}",
             )
         if done % cfg.logging.every == 0 or done == cfg.schedule.max_steps:
@@ -569,6 +600,7 @@ def _loop(
                 "step": done,
                 "lm_loss": window.lm / window.steps,
                 "reconstruction_loss": window.rec / window.steps,
+                **({"distill_kl": window.kl / window.steps} if distill else {}),
                 "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
                 **{g["name"]: g["lr"] for g in optimizer.param_groups},
                 "revived": revived,
