@@ -5,6 +5,12 @@ precision (among codes firing at least ``--min-count`` times), then the best sin
 neuron of the model (attention output, MLP output or MLP hidden unit of any layer,
 either sign, codebooks off) at a threshold that matches that code's recall.
 
+The same neuron pass also measures both sides along ``--recalls``: at each recall r,
+the most precise code whose recall is at least r, and the best neuron at recall r. The
+neuron curve bounds what any code can lead by (1 minus the neuron's precision at r),
+and the largest code lead over all recalls is reported beside the best code's lead.
+Writes ``regex-vs-neurons-<cache>-latest.json`` and a precision-recall plot (SVG).
+
     python benchmarks/regex_vs_neurons.py runs/cache-smollm2-1m --tokens 200000
 """
 
@@ -16,7 +22,8 @@ import time
 from pathlib import Path
 
 from codebook_lens.cache import CodeCache
-from codebook_lens.search import matching_tokens, neuron_baseline, regex_codes
+from codebook_lens.report import precision_recall_plot
+from codebook_lens.search import code_curve, matching_tokens, neuron_curve, regex_codes
 
 HERE = Path(__file__).resolve().parent
 PATTERNS = {
@@ -32,18 +39,37 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200_000)
     parser.add_argument("--min-count", type=int, default=10)
     parser.add_argument("--patterns", default=",".join(PATTERNS))
+    parser.add_argument("--recalls", default="0.1,0.25,0.5,0.75,0.9,1.0")
     args = parser.parse_args()
 
     cache = CodeCache.open(args.cache_dir)
+    grid = [float(r) for r in args.recalls.split(",") if r]
     rows = []
     for name in args.patterns.split(","):
         pattern = PATTERNS[name]
         t0 = time.perf_counter()
-        result = regex_codes(cache, pattern, min_count=args.min_count, max_tokens=args.tokens)
+        result = regex_codes(
+            cache, pattern, min_count=args.min_count, max_tokens=args.tokens, limit=None
+        )
         best = result.codes[0]
         positives = matching_tokens(cache, pattern, args.tokens)
-        neurons = neuron_baseline(cache, positives, best.recall, max_tokens=args.tokens)
+        curve = neuron_curve(cache, positives, [best.recall, *grid], max_tokens=args.tokens)
+        neurons, grid_neurons = curve[0], curve[1:]
         top = neurons[0]
+        points = []
+        for r, code, sites in zip(grid, code_curve(result.codes, grid), grid_neurons, strict=True):
+            point = {
+                "recall": r,
+                "neuron": f"{sites[0].site}[{sites[0].neuron}]",
+                "neuron_precision": sites[0].precision,
+                "code": None if code is None else str(code.ref),
+                "code_precision": None if code is None else code.precision,
+                "code_recall": None if code is None else code.recall,
+            }
+            if code is not None:
+                point["lead_points"] = 100 * (code.precision - sites[0].precision)
+            points.append(point)
+        leads = [p["lead_points"] for p in points if "lead_points" in p]
         row = {
             "pattern": name,
             "regex": pattern,
@@ -58,6 +84,8 @@ def main() -> None:
             "neuron_precision": top.precision,
             "neuron_recall": top.recall,
             "gap_points": 100 * (best.precision - top.precision),
+            "curve": points,
+            "max_lead_points": max(leads) if leads else None,
             "seconds": time.perf_counter() - t0,
             "best_neuron_per_site": [n.to_dict() for n in neurons[:10]],
         }
@@ -69,8 +97,24 @@ def main() -> None:
             f"recall {top.recall:.3f} | gap {row['gap_points']:+.1f} points",
             flush=True,
         )
+        print(
+            f"  {'recall':>6}  {'best neuron':<28}{'prec':>6}  {'best code':<22}{'prec':>6}"
+            f"{'recall':>8}{'lead':>7}"
+        )
+        for p in points:
+            code = "-" if p["code"] is None else p["code"]
+            cp = "" if p["code"] is None else f"{p['code_precision']:.3f}"
+            cr = "" if p["code"] is None else f"{p['code_recall']:.3f}"
+            lead = f"{p['lead_points']:+.1f}" if "lead_points" in p else ""
+            print(
+                f"  {p['recall']:>6.2f}  {p['neuron']:<28}{p['neuron_precision']:>6.3f}  "
+                f"{code:<22}{cp:>6}{cr:>8}{lead:>7}"
+            )
     name = Path(args.cache_dir).name
     (HERE / f"regex-vs-neurons-{name}-latest.json").write_text(json.dumps(rows, indent=2))
+    plot = HERE / f"regex-vs-neurons-{name}-latest.svg"
+    plot.write_text(precision_recall_plot(rows))
+    print(f"plot: {plot}")
 
 
 if __name__ == "__main__":

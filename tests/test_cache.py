@@ -18,12 +18,15 @@ from codebook_lens.cache_build import build_cache, build_index, tokenize_stream
 from codebook_lens.loading import load_codebook_model
 from codebook_lens.refs import CodeRef
 from codebook_lens.search import (
+    CodeScore,
     SearchError,
+    code_curve,
     effect_codes,
     frequency_by_rank,
     logit_effect,
     matching_tokens,
     neuron_baseline,
+    neuron_curve,
     per_codebook,
     regex_codes,
     score_codes,
@@ -250,12 +253,8 @@ def test_bad_and_catastrophic_patterns(built, tmp_path):
     assert result.matches == 0
 
 
-def test_neuron_baseline_matches_brute_force(built):
-    loaded, cache, _ = built
-    positives = matching_tokens(cache, r"[0-9]")
-    recall = 0.5
-    scores = neuron_baseline(cache, positives, recall, batch_size=2, sample_positives=10_000)
-    # brute force: every activation in memory
+def _brute_force_neurons(loaded, cache, positives, recall) -> dict[str, float]:
+    """Per site, the best neuron precision at ``recall`` with every activation in memory."""
     from codebook_lens.search import _Grabber
 
     ids = torch.from_numpy(cache.token_ids.astype(np.int64))
@@ -281,11 +280,48 @@ def test_neuron_baseline_matches_brute_force(built):
             prec = (over & pos[:, None]).sum(0).double() / over.sum(0).double()
             top = max(top, float(prec.max()))
         best[name] = top
+    return best
+
+
+def test_neuron_baseline_matches_brute_force(built):
+    loaded, cache, _ = built
+    positives = matching_tokens(cache, r"[0-9]")
+    recall = 0.5
+    scores = neuron_baseline(cache, positives, recall, batch_size=2, sample_positives=10_000)
+    best = _brute_force_neurons(loaded, cache, positives, recall)
     assert {s.site for s in scores} == set(best)
     for s in scores:
         assert s.precision == pytest.approx(best[s.site], abs=1e-9)
         assert s.recall >= recall - 1e-9
     assert scores[0].precision == max(best.values())
+
+
+def test_neuron_curve_equals_the_baseline_at_each_recall(built):
+    loaded, cache, _ = built
+    positives = matching_tokens(cache, r"[aeiou]")
+    recalls = [0.1, 0.5, 0.9, 1.0]
+    curve = neuron_curve(cache, positives, recalls, batch_size=3, sample_positives=10_000)
+    assert len(curve) == len(recalls)
+    for recall, scores in zip(recalls, curve, strict=True):
+        best = _brute_force_neurons(loaded, cache, positives, recall)
+        assert {s.site: s.precision for s in scores} == pytest.approx(best, abs=1e-9)
+        assert all(s.recall >= recall - 1e-9 for s in scores)
+        single = neuron_baseline(cache, positives, recall, batch_size=3, sample_positives=10_000)
+        assert [s.to_dict() for s in single] == [s.to_dict() for s in scores]
+    with pytest.raises(SearchError, match="recall must be in"):
+        neuron_curve(cache, positives, [0.5, 1.5])
+    with pytest.raises(SearchError, match="at least one"):
+        neuron_curve(cache, positives, [])
+
+
+def test_code_curve_takes_the_most_precise_code_at_each_recall():
+    def score(code, precision, recall):
+        return CodeScore(CodeRef("layer0_mlp", code), precision, recall, 0, 0)
+
+    scores = [score(0, 1.0, 0.2), score(1, 0.9, 0.6), score(2, 0.5, 0.95), score(3, 0.9, 0.7)]
+    picked = code_curve(scores, [0.1, 0.2, 0.5, 0.65, 0.9, 0.96])
+    # ties in precision go to the larger recall; nothing reaches recall 0.96
+    assert [None if p is None else p.ref.code for p in picked] == [0, 0, 3, 3, 2, None]
 
 
 def test_dense_outliers_are_cached_as_empty_slots(tmp_path):

@@ -160,6 +160,35 @@ def precision_plot(per_state: list[dict]) -> str:
     return _svg(fig)
 
 
+def precision_recall_plot(rows: list[dict]) -> str:
+    """One panel per pattern: the best neuron's precision at each recall r against the
+    most precise code of recall at least r (rows of benchmarks/regex_vs_neurons.py)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.6), squeeze=False)
+    for ax, row in zip(axes[0], rows, strict=True):
+        pts = [p for p in row["curve"] if p["code_precision"] is not None]
+        ax.plot(
+            [p["recall"] for p in row["curve"]],
+            [p["neuron_precision"] for p in row["curve"]],
+            "o-",
+            label="best neuron",
+        )
+        ax.plot(
+            [p["recall"] for p in pts],
+            [p["code_precision"] for p in pts],
+            "s-",
+            label="best code (recall >= r)",
+        )
+        ax.set_title(f"{row['pattern']} ({row['matching_tokens']:,} matching tokens)")
+        ax.set_xlabel("recall r")
+        ax.set_ylabel("precision")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize=8)
+    return _svg(fig)
+
+
 def _table(rows: list[list], header: list[str], classes: list[str] | None = None) -> str:
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for i, row in enumerate(rows):

@@ -339,10 +339,43 @@ def neuron_baseline(
     counts, per neuron, the tokens and the matching tokens past its threshold. Memory is
     one batch of activations plus the sampled positives, never the whole corpus.
     Returns one score per site, best first; precision and recall are exact over the
-    tokens scanned.
+    tokens scanned. :func:`neuron_curve` does the same for several recalls at once.
     """
-    if not 0.0 < recall <= 1.0:
-        raise SearchError(f"recall must be in (0, 1], got {recall}")
+    return neuron_curve(
+        cache,
+        positives,
+        [recall],
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        sample_positives=sample_positives,
+        with_codebooks=with_codebooks,
+        seed=seed,
+    )[0]
+
+
+def neuron_curve(
+    cache: CodeCache,
+    positives: np.ndarray,
+    recalls: Sequence[float],
+    *,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    sample_positives: int = 1024,
+    with_codebooks: bool = False,
+    seed: int = 0,
+) -> list[list[NeuronScore]]:
+    """:func:`neuron_baseline` at every recall of ``recalls``, in the same two passes.
+
+    Returns, per recall, one score per site, best first. The best neuron's precision as
+    a function of recall bounds what any code can gain over neurons: a code of recall r
+    leads by at most 1 minus the best neuron's precision at r.
+    """
+    recalls = [float(r) for r in recalls]
+    if not recalls:
+        raise SearchError("recalls must name at least one recall")
+    for recall in recalls:
+        if not 0.0 < recall <= 1.0:
+            raise SearchError(f"recall must be in (0, 1], got {recall}")
     n = cache.num_tokens if max_tokens is None else min(max_tokens, cache.num_tokens)
     seq_len = int(cache.manifest["seq_len"])
     pos_rows = np.flatnonzero(positives[:n])
@@ -381,22 +414,22 @@ def neuron_baseline(
         sel = torch.from_numpy(np.fromiter((r in sample_set for r in rows), bool, len(rows)))
         for name, a in acts.items():
             pos_acts.setdefault(name, []).append(a[sel].cpu())
-    need = max(1, math.ceil(recall * len(sample)))
-    hi_t, lo_t = {}, {}
+    need = torch.tensor([max(1, math.ceil(r * len(sample))) for r in recalls]) - 1
+    hi_t, lo_t = {}, {}  # (R, F) per site: `need` positives are >= (hi) or <= (lo) it
     for name, parts in pos_acts.items():
         a = torch.cat(parts)  # (P, F)
-        hi_t[name] = a.sort(0, descending=True).values[need - 1]  # `need` positives >= it
-        lo_t[name] = a.sort(0).values[need - 1]  # `need` positives <= it
+        hi_t[name] = a.sort(0, descending=True).values[need]
+        lo_t[name] = a.sort(0).values[need]
     del pos_acts
 
     # pass 2: count every token past each threshold
     all_blocks = list(range(0, n, seq_len))
-    stats = {name: torch.zeros(4, t.numel(), dtype=torch.int64) for name, t in hi_t.items()}
+    stats = {name: torch.zeros(4, *t.shape, dtype=torch.int64) for name, t in hi_t.items()}
     pos_mask = torch.from_numpy(positives[:n].copy())
     for rows, acts in run(all_blocks, "neurons: all tokens"):
-        is_pos = pos_mask[torch.from_numpy(rows)].unsqueeze(1)
+        is_pos = pos_mask[torch.from_numpy(rows)].view(-1, 1, 1)
         for name, a in acts.items():
-            a = a.cpu()
+            a = a.cpu().unsqueeze(1)  # (N, 1, F) against (R, F) thresholds
             above = a >= hi_t[name]
             below = a <= lo_t[name]
             s = stats[name]
@@ -405,19 +438,39 @@ def neuron_baseline(
             s[2] += below.sum(0)
             s[3] += (below & is_pos).sum(0)
     n_pos = int(pos_mask.sum())
-    out = []
-    for name, s in stats.items():
+    curve = []
+    for j in range(len(recalls)):
+        out = []
+        for name, s in stats.items():
+            best = None
+            signs = ((1, s[0], s[1], hi_t[name]), (-1, s[2], s[3], lo_t[name]))
+            for sign, total, tp, thr in signs:
+                precision = tp[j].double() / total[j].clamp(min=1).double()
+                i = int(precision.argmax())
+                cand = NeuronScore(
+                    name, i, sign, float(thr[j, i]), float(precision[i]), int(tp[j, i]) / n_pos
+                )
+                if best is None or cand.precision > best.precision:
+                    best = cand
+            out.append(best)
+        out.sort(key=lambda s: -s.precision)
+        curve.append(out)
+    return curve
+
+
+def code_curve(scores: Sequence[CodeScore], recalls: Sequence[float]) -> list[CodeScore | None]:
+    """For each recall r, the most precise code whose recall is at least r (None when no
+    code reaches r): the codes' side of a precision-recall comparison with
+    :func:`neuron_curve`. ``scores`` must hold every candidate code (``limit=None``)."""
+    out: list[CodeScore | None] = []
+    for r in recalls:
         best = None
-        for sign, total, tp, thr in ((1, s[0], s[1], hi_t[name]), (-1, s[2], s[3], lo_t[name])):
-            precision = tp.double() / total.clamp(min=1).double()
-            i = int(precision.argmax())
-            cand = NeuronScore(
-                name, i, sign, float(thr[i]), float(precision[i]), int(tp[i]) / n_pos
-            )
-            if best is None or cand.precision > best.precision:
-                best = cand
+        for s in scores:
+            if s.recall >= r - 1e-12 and (
+                best is None or (s.precision, s.recall) > (best.precision, best.recall)
+            ):
+                best = s
         out.append(best)
-    out.sort(key=lambda s: -s.precision)
     return out
 
 
