@@ -23,7 +23,7 @@ from pathlib import Path
 
 from codebook_lens.cache import CodeCache
 from codebook_lens.report import precision_recall_plot
-from codebook_lens.search import code_curve, matching_tokens, neuron_curve, regex_codes
+from codebook_lens.search import codes_vs_neurons, matching_tokens, regex_codes
 
 HERE = Path(__file__).resolve().parent
 PATTERNS = {
@@ -53,21 +53,22 @@ def main() -> None:
         )
         best = result.codes[0]
         positives = matching_tokens(cache, pattern, args.tokens)
-        curve = neuron_curve(cache, positives, [best.recall, *grid], max_tokens=args.tokens)
-        neurons, grid_neurons = curve[0], curve[1:]
-        top = neurons[0]
+        at_best, *curve = codes_vs_neurons(
+            cache, positives, result.codes, [best.recall, *grid], max_tokens=args.tokens
+        )
+        top = at_best.neuron
         points = []
-        for r, code, sites in zip(grid, code_curve(result.codes, grid), grid_neurons, strict=True):
+        for p in curve:
             point = {
-                "recall": r,
-                "neuron": f"{sites[0].site}[{sites[0].neuron}]",
-                "neuron_precision": sites[0].precision,
-                "code": None if code is None else str(code.ref),
-                "code_precision": None if code is None else code.precision,
-                "code_recall": None if code is None else code.recall,
+                "recall": p.recall,
+                "neuron": f"{p.neuron.site}[{p.neuron.neuron}]",
+                "neuron_precision": p.neuron.precision,
+                "code": None if p.code is None else str(p.code.ref),
+                "code_precision": None if p.code is None else p.code.precision,
+                "code_recall": None if p.code is None else p.code.recall,
             }
-            if code is not None:
-                point["lead_points"] = 100 * (code.precision - sites[0].precision)
+            if p.lead is not None:
+                point["lead_points"] = 100 * p.lead
             points.append(point)
         leads = [p["lead_points"] for p in points if "lead_points" in p]
         row = {
@@ -87,7 +88,7 @@ def main() -> None:
             "curve": points,
             "max_lead_points": max(leads) if leads else None,
             "seconds": time.perf_counter() - t0,
-            "best_neuron_per_site": [n.to_dict() for n in neurons[:10]],
+            "best_neuron_per_site": [n.to_dict() for n in at_best.sites[:10]],
         }
         rows.append(row)
         print(

@@ -21,6 +21,7 @@ from codebook_lens.search import (
     CodeScore,
     SearchError,
     code_curve,
+    codes_vs_neurons,
     effect_codes,
     frequency_by_rank,
     logit_effect,
@@ -324,6 +325,23 @@ def test_code_curve_takes_the_most_precise_code_at_each_recall():
     assert [None if p is None else p.ref.code for p in picked] == [0, 0, 3, 3, 2, None]
 
 
+def test_codes_vs_neurons_pairs_each_recall_with_its_code_and_neuron(built):
+    _, cache, _ = built
+    positives = matching_tokens(cache, r"[aeiou]")
+    every = score_codes(cache, positives, limit=None)
+    recalls = [0.2, 0.6, 1.0]
+    points = codes_vs_neurons(cache, positives, every, recalls, sample_positives=10_000)
+    curve = neuron_curve(cache, positives, recalls, sample_positives=10_000)
+    picks = code_curve(every, recalls)
+    for point, sites, code in zip(points, curve, picks, strict=True):
+        assert point.sites == sites and point.neuron == sites[0] and point.code == code
+        if code is None:
+            assert point.lead is None and point.to_dict()["code"] is None
+        else:
+            assert point.lead == pytest.approx(code.precision - sites[0].precision)
+            assert point.to_dict()["lead"] == point.lead
+
+
 def test_dense_outliers_are_cached_as_empty_slots(tmp_path):
     """A codebook with an outlier rule leaves some tokens without codes: the cache stores
     those slots as id C, and counts, index, regex and topic search skip them."""
@@ -505,6 +523,20 @@ def test_cli_builds_and_queries_a_cache(model_dir, tmp_path, capsys):
     assert [c["code"] for c in res["codes"]] == [c["code"] for c in direct["codes"]]
     assert res["matching_tokens"] == direct["matching_tokens"] > 0
     code = res["codes"][0]["code"]
+    # the precision-recall comparison: the library's answer, at the best code's recall too
+    assert main(["regex", str(out), r"\d", "--json", "--recalls", "0.5,1"]) == 0
+    res_curve = json.loads(capsys.readouterr().out)
+    positives = matching_tokens(cache, r"\d")
+    every = score_codes(cache, positives, limit=None)
+    best = regex_codes(cache, r"\d", limit=20).codes[0]
+    expected = codes_vs_neurons(cache, positives, every, [best.recall, 0.5, 1.0])
+    assert res_curve["curve"] == [p.to_dict() for p in expected[1:]]
+    assert res_curve["neuron_baseline"]["sites"] == [s.to_dict() for s in expected[0].sites]
+    assert [p["recall"] for p in res_curve["curve"]] == [0.5, 1.0]
+    assert main(["regex", str(out), r"\d", "--recalls", "0.5,1"]) == 0
+    assert "lead" in capsys.readouterr().out
+    assert main(["regex", str(out), r"\d", "--recalls", "0.5,2"]) == 2
+    assert "--recalls takes recalls in (0, 1]" in capsys.readouterr().err
     assert main(["contexts", str(out), code, "--json", "--limit", "3"]) == 0
     ctx = json.loads(capsys.readouterr().out)
     assert ctx["total"] == cache.occurrences(CodeRef.parse(code)).size

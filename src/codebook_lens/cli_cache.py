@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 
 def _print_json(data) -> None:
@@ -117,9 +118,10 @@ def _freq(args: argparse.Namespace) -> int:
 
 
 def _regex(args: argparse.Namespace) -> int:
-    from .search import matching_tokens, neuron_baseline, regex_codes
+    from .search import codes_vs_neurons, matching_tokens, regex_codes, score_codes
 
     cache = _open(args.cache_dir)
+    recalls = _recall_list(args.recalls) if args.recalls else []
     result = regex_codes(
         cache,
         args.pattern,
@@ -131,15 +133,23 @@ def _regex(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
     )
     data = result.to_dict()
-    if args.neurons and result.codes:
+    if (args.neurons or recalls) and result.codes:
         best = result.codes[0]
         positives = matching_tokens(cache, args.pattern, args.max_tokens)
-        scores = neuron_baseline(cache, positives, best.recall, max_tokens=args.max_tokens)
+        # every candidate code, for the most precise code at each recall of the curve
+        every = score_codes(
+            cache, positives, min_count=args.min_count, limit=None, max_tokens=args.max_tokens
+        )
+        at_best, *curve = codes_vs_neurons(
+            cache, positives, every, [best.recall, *recalls], max_tokens=args.max_tokens
+        )
         data["neuron_baseline"] = {
             "recall_matched": best.recall,
             "best_code_precision": best.precision,
-            "sites": [s.to_dict() for s in scores],
+            "sites": [s.to_dict() for s in at_best.sites],
         }
+        if curve:
+            data["curve"] = [p.to_dict() for p in curve]
     if args.json:
         _print_json(data)
         return 0
@@ -156,7 +166,34 @@ def _regex(args: argparse.Namespace) -> int:
             f"best neuron at recall {top['recall']:.3f}: {top['site']}[{top['neuron']}] "
             f"(sign {top['sign']:+d}) precision {top['precision']:.3f}"
         )
+    if "curve" in data:
+        print(
+            f"  {'recall':>6}  {'best neuron':<30}{'prec':>6}  {'best code':<26}{'prec':>6}{'lead':>7}"
+        )
+        for p in curve:
+            n = p.neuron
+            code = "-" if p.code is None else str(p.code.ref)
+            cp = "" if p.code is None else f"{p.code.precision:.3f}"
+            lead = "" if p.lead is None else f"{100 * p.lead:+.1f}"
+            print(
+                f"  {p.recall:>6.2f}  {n.site + f'[{n.neuron}]':<30}{n.precision:>6.3f}  "
+                f"{code:<26}{cp:>6}{lead:>7}"
+            )
     return 0
+
+
+def _recall_list(text: str) -> list[float]:
+    """``0.25,0.5,1`` -> floats in (0, 1], or a CLI error naming the bad value."""
+    out = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            value = math.nan
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"--recalls takes recalls in (0, 1] separated by commas, got {part!r}")
+        out.append(value)
+    return out
 
 
 def _topic(args: argparse.Namespace) -> int:
@@ -274,6 +311,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="search the first N tokens")
     p.add_argument(
         "--neurons", action="store_true", help="also the best neuron at the best code's recall"
+    )
+    p.add_argument(
+        "--recalls",
+        default=None,
+        metavar="R1,R2,...",
+        help="also, at each recall, the best neuron against the most precise code of at least "
+        "that recall (runs the model once over the tokens, like --neurons)",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_regex)

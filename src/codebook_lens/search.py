@@ -474,6 +474,51 @@ def code_curve(scores: Sequence[CodeScore], recalls: Sequence[float]) -> list[Co
     return out
 
 
+@dataclass
+class CurvePoint:
+    """Codes against neurons at one recall r."""
+
+    recall: float
+    sites: list[NeuronScore]  # the best neuron of each site at recall r, best first
+    code: CodeScore | None  # the most precise code of recall >= r
+
+    @property
+    def neuron(self) -> NeuronScore:
+        return self.sites[0]
+
+    @property
+    def lead(self) -> float | None:
+        """The code's precision minus the best neuron's (None when no code reaches r)."""
+        return None if self.code is None else self.code.precision - self.neuron.precision
+
+    def to_dict(self) -> dict:
+        return {
+            "recall": self.recall,
+            "neuron": self.neuron.to_dict(),
+            "code": None if self.code is None else self.code.to_dict(),
+            "lead": self.lead,
+        }
+
+
+def codes_vs_neurons(
+    cache: CodeCache,
+    positives: np.ndarray,
+    codes: Sequence[CodeScore],
+    recalls: Sequence[float],
+    **neuron_options,
+) -> list[CurvePoint]:
+    """Paper Figure 3 along a recall grid: at each recall, the most precise of ``codes``
+    (every candidate, ``limit=None``) of at least that recall against the best neuron
+    at that recall (:func:`neuron_curve`, one streamed pass for all recalls;
+    ``neuron_options`` go to it)."""
+    curve = neuron_curve(cache, positives, recalls, **neuron_options)
+    picks = code_curve(codes, recalls)
+    return [
+        CurvePoint(float(r), sites, code)
+        for r, sites, code in zip(recalls, curve, picks, strict=True)
+    ]
+
+
 # ----------------------------------------------------------------------------------------
 # topic -> codes
 
