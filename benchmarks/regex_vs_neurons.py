@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 from codebook_lens.cache import CodeCache
+from codebook_lens.neurons import codes_vs_neurons
 from codebook_lens.report import precision_recall_plot
-from codebook_lens.search import codes_vs_neurons, matching_tokens, regex_codes
+from codebook_lens.search import matching_tokens, regex_codes
 
 HERE = Path(__file__).resolve().parent
 PATTERNS = {

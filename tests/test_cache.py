@@ -16,18 +16,15 @@ from conftest import corpus_text, save_tiny_codebook_model
 from codebook_lens.cache import CacheError, CodeCache, code_dtype
 from codebook_lens.cache_build import build_cache, build_index, tokenize_stream
 from codebook_lens.loading import load_codebook_model
+from codebook_lens.neurons import code_curve, codes_vs_neurons, neuron_baseline, neuron_curve
 from codebook_lens.refs import CodeRef
 from codebook_lens.search import (
     CodeScore,
     SearchError,
-    code_curve,
-    codes_vs_neurons,
     effect_codes,
     frequency_by_rank,
     logit_effect,
     matching_tokens,
-    neuron_baseline,
-    neuron_curve,
     per_codebook,
     regex_codes,
     score_codes,
@@ -256,7 +253,7 @@ def test_bad_and_catastrophic_patterns(built, tmp_path):
 
 def _brute_force_neurons(loaded, cache, positives, recall) -> dict[str, float]:
     """Per site, the best neuron precision at ``recall`` with every activation in memory."""
-    from codebook_lens.search import _Grabber
+    from codebook_lens.neurons import _Grabber
 
     ids = torch.from_numpy(cache.token_ids.astype(np.int64))
     acts: dict[str, list[torch.Tensor]] = {}

@@ -118,7 +118,8 @@ def _freq(args: argparse.Namespace) -> int:
 
 
 def _regex(args: argparse.Namespace) -> int:
-    from .search import codes_vs_neurons, matching_tokens, regex_codes, score_codes
+    from .neurons import codes_vs_neurons
+    from .search import matching_tokens, regex_codes, score_codes
 
     cache = _open(args.cache_dir)
     recalls = _recall_list(args.recalls) if args.recalls else []
