@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from codebook_lens.cache import CodeCache
-from codebook_lens.neurons import codes_vs_neurons
+from codebook_lens.neurons import codes_vs_neurons, curve_table
 from codebook_lens.report import precision_recall_plot
 from codebook_lens.search import matching_tokens, regex_codes
 
@@ -99,19 +99,7 @@ def main() -> None:
             f"recall {top.recall:.3f} | gap {row['gap_points']:+.1f} points",
             flush=True,
         )
-        print(
-            f"  {'recall':>6}  {'best neuron':<28}{'prec':>6}  {'best code':<22}{'prec':>6}"
-            f"{'recall':>8}{'lead':>7}"
-        )
-        for p in points:
-            code = "-" if p["code"] is None else p["code"]
-            cp = "" if p["code"] is None else f"{p['code_precision']:.3f}"
-            cr = "" if p["code"] is None else f"{p['code_recall']:.3f}"
-            lead = f"{p['lead_points']:+.1f}" if "lead_points" in p else ""
-            print(
-                f"  {p['recall']:>6.2f}  {p['neuron']:<28}{p['neuron_precision']:>6.3f}  "
-                f"{code:<22}{cp:>6}{cr:>8}{lead:>7}"
-            )
+        print("\n".join(curve_table(curve)))
     name = Path(args.cache_dir).name
     (HERE / f"regex-vs-neurons-{name}-latest.json").write_text(json.dumps(rows, indent=2))
     plot = HERE / f"regex-vs-neurons-{name}-latest.svg"

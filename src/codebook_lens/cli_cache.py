@@ -118,7 +118,7 @@ def _freq(args: argparse.Namespace) -> int:
 
 
 def _regex(args: argparse.Namespace) -> int:
-    from .neurons import codes_vs_neurons
+    from .neurons import codes_vs_neurons, curve_table
     from .search import matching_tokens, regex_codes, score_codes
 
     cache = _open(args.cache_dir)
@@ -137,12 +137,16 @@ def _regex(args: argparse.Namespace) -> int:
     if (args.neurons or recalls) and result.codes:
         best = result.codes[0]
         positives = matching_tokens(cache, args.pattern, args.max_tokens)
-        # every candidate code, for the most precise code at each recall of the curve
-        every = score_codes(
-            cache, positives, min_count=args.min_count, limit=None, max_tokens=args.max_tokens
+        # the curve needs every candidate code (the listed ones are cut at --limit)
+        candidates = (
+            score_codes(
+                cache, positives, min_count=args.min_count, limit=None, max_tokens=args.max_tokens
+            )
+            if recalls
+            else result.codes
         )
         at_best, *curve = codes_vs_neurons(
-            cache, positives, every, [best.recall, *recalls], max_tokens=args.max_tokens
+            cache, positives, candidates, [best.recall, *recalls], max_tokens=args.max_tokens
         )
         data["neuron_baseline"] = {
             "recall_matched": best.recall,
@@ -168,18 +172,7 @@ def _regex(args: argparse.Namespace) -> int:
             f"(sign {top['sign']:+d}) precision {top['precision']:.3f}"
         )
     if "curve" in data:
-        print(
-            f"  {'recall':>6}  {'best neuron':<30}{'prec':>6}  {'best code':<26}{'prec':>6}{'lead':>7}"
-        )
-        for p in curve:
-            n = p.neuron
-            code = "-" if p.code is None else str(p.code.ref)
-            cp = "" if p.code is None else f"{p.code.precision:.3f}"
-            lead = "" if p.lead is None else f"{100 * p.lead:+.1f}"
-            print(
-                f"  {p.recall:>6.2f}  {n.site + f'[{n.neuron}]':<30}{n.precision:>6.3f}  "
-                f"{code:<26}{cp:>6}{lead:>7}"
-            )
+        print("\n".join(curve_table(curve)))
     return 0
 
 

@@ -276,3 +276,22 @@ def codes_vs_neurons(
         CurvePoint(float(r), sites, code)
         for r, sites, code in zip(recalls, curve, picks, strict=True)
     ]
+
+
+def curve_table(points: Sequence[CurvePoint]) -> list[str]:
+    """:func:`codes_vs_neurons` as printable lines: per recall, the best neuron, the most
+    precise code of at least that recall and the code's lead in points."""
+    lines = [
+        f"  {'recall':>6}  {'best neuron':<30}{'prec':>6}  {'best code':<26}{'prec':>6}"
+        f"{'recall':>8}{'lead':>7}"
+    ]
+    for p in points:
+        n, c = p.neuron, p.code
+        lines.append(
+            f"  {p.recall:>6.2f}  {f'{n.site}[{n.neuron}]':<30}{n.precision:>6.3f}  "
+            f"{'-' if c is None else str(c.ref):<26}"
+            f"{'' if c is None else f'{c.precision:.3f}':>6}"
+            f"{'' if c is None else f'{c.recall:.3f}':>8}"
+            f"{'' if p.lead is None else f'{100 * p.lead:+.1f}':>7}"
+        )
+    return lines
