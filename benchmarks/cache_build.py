@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from codebook_lens.cache_build import build_cache, corpus_documents, tokenize_stream
-from codebook_lens.loading import load_codebook_model
+from codebook_lens.cache.build import build_cache, corpus_documents, tokenize_stream
+from codebook_lens.core.loading import load_codebook_model
 
 HERE = Path(__file__).resolve().parent
 

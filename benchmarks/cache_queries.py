@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from codebook_lens.cache import CodeCache
-from codebook_lens.refs import CodeRef
-from codebook_lens.search import regex_codes, topic_codes
+from codebook_lens.analysis.search import regex_codes, topic_codes
+from codebook_lens.cache.store import CodeCache
+from codebook_lens.core.refs import CodeRef
 
 HERE = Path(__file__).resolve().parent
 

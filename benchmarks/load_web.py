@@ -32,8 +32,8 @@ from urllib.parse import quote
 import numpy as np
 from cache_queries import FSM_PATTERNS, TEXT_PATTERNS
 
-from codebook_lens.cache import CodeCache
-from codebook_lens.refs import CodeRef
+from codebook_lens.cache.store import CodeCache
+from codebook_lens.core.refs import CodeRef
 
 KINDS = ("code", "contexts", "regex")
 
@@ -56,8 +56,8 @@ def live_codes(cache: CodeCache, count: int, rng: np.random.Generator) -> list[s
 
 
 def build(cache_dir: Path, model_dir: str, max_tokens: int, corpus: str) -> None:
-    from codebook_lens.cache_build import build_cache, corpus_documents
-    from codebook_lens.loading import load_codebook_model
+    from codebook_lens.cache.build import build_cache, corpus_documents
+    from codebook_lens.core.loading import load_codebook_model
 
     loaded = load_codebook_model(model_dir)
     texts = corpus_documents(corpus, loaded, "train", max_tokens, 128)
@@ -72,7 +72,7 @@ class Server:
         self.command = [
             sys.executable,
             "-m",
-            "codebook_lens.cli",
+            "codebook_lens.cli.main",
             "serve",
             str(cache_dir),
             "--port",

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from codebook_lens import sites as S
-from codebook_lens.codebook import CodebookOutput
-from codebook_lens.config import load_train_config
-from codebook_lens.train import _corpus_data, build_model, kmeans_init, load_base
+from codebook_lens.core import sites as S
+from codebook_lens.core.codebook import CodebookOutput
+from codebook_lens.training.config import load_train_config
+from codebook_lens.training.loop import _corpus_data, build_model, kmeans_init, load_base
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

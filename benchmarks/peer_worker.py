@@ -7,7 +7,7 @@ standard library only) and the implementation being measured.
 
 Implementations (``--impl``):
 
-ours     ``codebook_lens.codebook.Codebook``, inner-product similarity; the step is
+ours     ``codebook_lens.core.codebook.Codebook``, inner-product similarity; the step is
          ``(out.output.sum() + out.loss).backward()``.
 orig     ``codebook_features.models`` 0.1.2 (the original codebook-features code):
          ``GroupCodebookLayer`` (groups > 1) or ``CodebookLayer`` with
@@ -84,7 +84,7 @@ Step = Callable[[bool], None]
 def build_ours(torch, x, groups: int, dim: int, num_codes: int, k: int):
     src = HERE.parent / "src"
     sys.path.insert(0, str(src))  # benchmark the working tree, installed or not
-    from codebook_lens.codebook import Codebook, CodebookConfig
+    from codebook_lens.core.codebook import Codebook, CodebookConfig
 
     cb = Codebook(
         dim=dim,
@@ -93,13 +93,13 @@ def build_ours(torch, x, groups: int, dim: int, num_codes: int, k: int):
     )
     notes = []
     try:  # build (or load from cache) the compiled search kernel now, outside the timings
-        from codebook_lens import _native
+        from codebook_lens.core import _native
     except ImportError:  # a tree without it: the PyTorch search is all there is
         notes.append("ours: PyTorch search (no compiled kernel in this tree)")
     else:
         kernel = _native.load()
         notes.append(
-            "ours: compiled search kernel (codebook_lens._native)"
+            "ours: compiled search kernel (codebook_lens.core._native)"
             if kernel is not None
             else "ours: PyTorch search (compiled kernel disabled or failed to build)"
         )

@@ -21,10 +21,10 @@ import json
 import time
 from pathlib import Path
 
-from codebook_lens.cache import CodeCache
-from codebook_lens.neurons import codes_vs_neurons, curve_table
-from codebook_lens.report import precision_recall_plot
-from codebook_lens.search import matching_tokens, regex_codes
+from codebook_lens.analysis.neurons import codes_vs_neurons, curve_table
+from codebook_lens.analysis.search import matching_tokens, regex_codes
+from codebook_lens.cache.store import CodeCache
+from codebook_lens.plots import precision_recall_plot
 
 HERE = Path(__file__).resolve().parent
 PATTERNS = {

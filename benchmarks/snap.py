@@ -34,8 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memtime import peak_extra_mib  # noqa: E402
 
-import codebook_lens.codebook as codebook_mod  # noqa: E402
-from codebook_lens.codebook import Codebook, CodebookConfig, search_keys  # noqa: E402
+import codebook_lens.core.codebook as codebook_mod  # noqa: E402
+from codebook_lens.core.codebook import Codebook, CodebookConfig, search_keys  # noqa: E402
 
 CASES = {
     "heads": dict(groups=16, dim=64, num_codes=10_000, k=8),

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from codebook_lens.cache import CodeCache
-from codebook_lens.search import effect_codes, per_codebook, topic_codes
-from codebook_lens.steering import steering_eval
+from codebook_lens.analysis.search import effect_codes, per_codebook, topic_codes
+from codebook_lens.cache.store import CodeCache
+from codebook_lens.steering.sampling import steering_eval
 
 TOPICS = {
     "religion": (

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from codebook_lens.fsm import state_metrics
-from codebook_lens.loading import load_codebook_model
-from codebook_lens.tokfsm import valid_transition_mass
+from codebook_lens.core.loading import load_codebook_model
+from codebook_lens.experiments.tokfsm.run import valid_transition_mass
+from codebook_lens.experiments.tokfsm.task import state_metrics
 
 
 class PassThrough(nn.Module):

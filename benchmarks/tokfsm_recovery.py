@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from codebook_lens.fsm import FSM
-from codebook_lens.loading import load_codebook_model
-from codebook_lens.tokfsm import walk_valid_mass
+from codebook_lens.core.loading import load_codebook_model
+from codebook_lens.data.fsm import FSM
+from codebook_lens.experiments.tokfsm.run import walk_valid_mass
 
 
 def main() -> None:

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from codebook_lens.config import load_train_config
-from codebook_lens.model import CodebookModel, CodebookModelConfig, SiteSpec
-from codebook_lens.train import load_base
+from codebook_lens.core.model import CodebookModel, CodebookModelConfig, SiteSpec
+from codebook_lens.training.config import load_train_config
+from codebook_lens.training.loop import load_base
 
 ROOT = Path(__file__).resolve().parent.parent
 

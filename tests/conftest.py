@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from codebook_lens.selfcheck import tiny_config as shared_tiny_config
+from codebook_lens.core.selfcheck import tiny_config as shared_tiny_config
 
 VOCAB = 97
 
@@ -101,8 +101,8 @@ def save_tiny_codebook_model(root, outlier_factor: float | None = None):
     ``outlier_factor`` goes to the MLP codebooks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from codebook_lens.codebook import CodebookConfig
-    from codebook_lens.model import CodebookModel, CodebookModelConfig, SiteSpec
+    from codebook_lens.core.codebook import CodebookConfig
+    from codebook_lens.core.model import CodebookModel, CodebookModelConfig, SiteSpec
 
     save_tiny_lm(root / "lm", "llama")
     base = AutoModelForCausalLM.from_pretrained(root / "lm")
@@ -135,8 +135,8 @@ WEB_DOCS = [
 @pytest.fixture(scope="session")
 def tiny_code_cache(tmp_path_factory):
     """(model_dir, cache_dir): the tiny codebook model and a code cache of WEB_DOCS."""
-    from codebook_lens.cache_build import build_cache
-    from codebook_lens.loading import load_codebook_model
+    from codebook_lens.cache.build import build_cache
+    from codebook_lens.core.loading import load_codebook_model
 
     root = tmp_path_factory.mktemp("webcache")
     model_dir = save_tiny_codebook_model(root)

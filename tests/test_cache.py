@@ -13,12 +13,13 @@ import pytest
 import torch
 from conftest import corpus_text, save_tiny_codebook_model
 
-from codebook_lens.cache import CacheError, CodeCache, code_dtype
-from codebook_lens.cache_build import build_cache, build_index, tokenize_stream
-from codebook_lens.loading import load_codebook_model
-from codebook_lens.neurons import code_curve, codes_vs_neurons, neuron_baseline, neuron_curve
-from codebook_lens.refs import CodeRef
-from codebook_lens.search import (
+from codebook_lens.analysis.neurons import (
+    code_curve,
+    codes_vs_neurons,
+    neuron_baseline,
+    neuron_curve,
+)
+from codebook_lens.analysis.search import (
     CodeScore,
     SearchError,
     effect_codes,
@@ -32,6 +33,10 @@ from codebook_lens.search import (
     text_codes,
     topic_codes,
 )
+from codebook_lens.cache.build import build_cache, build_index, tokenize_stream
+from codebook_lens.cache.store import CacheError, CodeCache, code_dtype
+from codebook_lens.core.loading import load_codebook_model
+from codebook_lens.core.refs import CodeRef
 
 DOCS = [
     "In January 1999 the café opened. Über naïve résumé — 東京 and 1984!",
@@ -238,7 +243,7 @@ def test_bad_and_catastrophic_patterns(built, tmp_path):
     with pytest.raises(SearchError, match="empty"):
         regex_codes(cache, "")
     # a pattern that takes exponential time with backtracking engines, on a long document
-    from codebook_lens.cache_build import build_cache as build
+    from codebook_lens.cache.build import build_cache as build
 
     loaded = cache.model()
     evil_doc = "a" * 30000 + "!"
@@ -253,7 +258,7 @@ def test_bad_and_catastrophic_patterns(built, tmp_path):
 
 def _brute_force_neurons(loaded, cache, positives, recall) -> dict[str, float]:
     """Per site, the best neuron precision at ``recall`` with every activation in memory."""
-    from codebook_lens.neurons import _Grabber
+    from codebook_lens.analysis.neurons import _Grabber
 
     ids = torch.from_numpy(cache.token_ids.astype(np.int64))
     acts: dict[str, list[torch.Tensor]] = {}
@@ -488,7 +493,7 @@ def test_effect_codes_rank_codes_by_the_words_they_promote(built):
 
 
 def test_cli_builds_and_queries_a_cache(model_dir, tmp_path, capsys):
-    from codebook_lens.cli import main
+    from codebook_lens.cli.main import main
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"text": d}) for d in DOCS) + "\n")

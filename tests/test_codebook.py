@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codebook_lens.codebook import (
+from codebook_lens.core.codebook import (
     EMPTY_SLOT,
     Codebook,
     CodebookConfig,
@@ -82,7 +82,7 @@ def test_chunked_equals_unchunked(similarity, k, native):
 
 
 def test_native_kernel_is_built_and_agrees_with_pytorch():
-    from codebook_lens import _native
+    from codebook_lens.core import _native
 
     assert _native.load() is not None, "the compiled search kernel should build here"
     gen = torch.Generator().manual_seed(5)
@@ -384,7 +384,7 @@ def test_native_build_survives_a_stale_lock():
     import sys
     import time
 
-    from codebook_lens import _native
+    from codebook_lens.core import _native
 
     _, directory = _native.build_dir()
     assert _native.load() is not None
@@ -392,7 +392,7 @@ def test_native_build_survives_a_stale_lock():
     lock.touch()
     old = time.time() - 3600
     os.utime(lock, (old, old))
-    code = "from codebook_lens import _native; import sys; sys.exit(0 if _native.load() else 1)"
+    code = "from codebook_lens.core import _native; import sys; sys.exit(0 if _native.load() else 1)"
     proc = subprocess.run([sys.executable, "-c", code], timeout=240, capture_output=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not lock.exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from codebook_lens.config import ConfigError, TrainConfig, load_train_config
+from codebook_lens.training.config import ConfigError, TrainConfig, load_train_config
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -56,7 +56,7 @@ def test_bad_override_and_missing_file(tmp_path):
 def test_shipped_configs_parse(name):
     from pathlib import Path
 
-    from codebook_lens.model import SiteSpec
+    from codebook_lens.core.model import SiteSpec
 
     cfg = load_train_config(Path(__file__).parent.parent / "configs" / name)
     assert cfg.model.path == "smollm2-135m"

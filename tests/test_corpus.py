@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from codebook_lens.corpus import shakespeare_markdown_to_docs, wikitext_to_plain
+from codebook_lens.data.corpus import shakespeare_markdown_to_docs, wikitext_to_plain
 
 
 def test_wikitext_to_plain():

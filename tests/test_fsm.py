@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from codebook_lens.fsm import FSM, lm_metrics, transition_validity
+from codebook_lens.data.fsm import FSM
+from codebook_lens.experiments.tokfsm.task import lm_metrics, transition_validity
 
 
 def test_fsm_structure_and_generation_is_valid():
@@ -81,7 +82,7 @@ def test_lm_metrics_hand_computed():
 
 
 def test_fsm_data_is_a_reproducible_stream_of_valid_walks():
-    from codebook_lens.fsm import FSMData
+    from codebook_lens.data.fsm import FSMData
 
     fsm = FSM.random(100, 10, 10, seed=0)
     data = FSMData(fsm, 33)
@@ -103,7 +104,7 @@ def test_sampling_with_the_kv_cache_matches_full_forward_passes():
     from must equal those of full forward passes over the same prefix."""
     from transformers import AutoModelForCausalLM
 
-    from codebook_lens.fsm import neox_config, sample
+    from codebook_lens.experiments.tokfsm.task import neox_config, sample
 
     fsm = FSM.random(20, 4, 10, seed=1)
     torch.manual_seed(0)
@@ -121,7 +122,7 @@ def test_sampling_with_the_kv_cache_matches_full_forward_passes():
 
 
 def test_jumps_are_in_the_context_but_never_targets():
-    from codebook_lens.fsm import FSMData
+    from codebook_lens.data.fsm import FSMData
 
     fsm = FSM.random(100, 10, 10, seed=0)
     tokens, labels = FSMData(fsm, 129, jump_rate=0.2).batch(0, 0, 64)
@@ -149,7 +150,7 @@ def test_parity_rotary_scores_the_parity_of_a_distance(fraction):
     from transformers import AutoModelForCausalLM
     from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
-    from codebook_lens.fsm import neox_config, parity_rope_theta
+    from codebook_lens.experiments.tokfsm.task import neox_config, parity_rope_theta
 
     fsm = FSM.random(20, 4, 10, seed=1)
     theta = parity_rope_theta(32, fraction)
@@ -176,8 +177,8 @@ def test_parity_rotary_scores_the_parity_of_a_distance(fraction):
 
 
 def test_tokfsm_presets_use_the_parity_rotary_base():
-    from codebook_lens.fsm import parity_rope_theta
-    from codebook_lens.tokfsm import build_base, load_fsm_config
+    from codebook_lens.experiments.tokfsm.run import build_base, load_fsm_config
+    from codebook_lens.experiments.tokfsm.task import parity_rope_theta
 
     fsm = FSM.random(12, 3, 10, seed=0)
     cfg = load_fsm_config("cpu", ["net.layers=1", "net.hidden=32", "net.heads=2"])

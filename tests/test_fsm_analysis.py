@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from codebook_lens import fsm_analysis as A
-from codebook_lens import fsm_classify as C
-from codebook_lens.codebook import Codebook, CodebookConfig
-from codebook_lens.fsm import FSM
+from codebook_lens.core.codebook import Codebook, CodebookConfig
+from codebook_lens.data.fsm import FSM
+from codebook_lens.experiments.tokfsm import analysis as A
+from codebook_lens.experiments.tokfsm import classify as C
 
 
 def tokens_of(*seqs: list[int]) -> torch.Tensor:
@@ -313,7 +313,7 @@ def test_code_frequencies_sorted_per_codebook():
 
 
 def test_fsm_command_end_to_end(tmp_path, capsys):
-    from codebook_lens.cli import main
+    from codebook_lens.cli.main import main
 
     out = tmp_path / "run"
     tiny = [
@@ -389,7 +389,7 @@ def test_fsm_command_end_to_end(tmp_path, capsys):
 
 
 def test_fsm_command_rejects_bad_settings(capsys):
-    from codebook_lens.cli import main
+    from codebook_lens.cli.main import main
 
     assert main(["fsm", "--preset", "gpu"]) == 2
     assert "unknown preset" in capsys.readouterr().err
@@ -411,7 +411,7 @@ class UniformModel(nn.Module):
 
 
 def test_valid_mass_with_and_after_a_jump_hand_computed():
-    from codebook_lens.tokfsm import valid_transition_mass
+    from codebook_lens.experiments.tokfsm.run import valid_transition_mass
 
     fsm = FSM.random(100, 10, 10, seed=0)
     # the exact table model follows the machine from whatever state it reads

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from conftest import save_tiny_lm, tiny_model
 
-from codebook_lens import sites as S
-from codebook_lens.cli import main
-from codebook_lens.codebook import CodebookConfig
-from codebook_lens.intervene import Intervention, intervene, token_positions
-from codebook_lens.loading import load_codebook_model
-from codebook_lens.model import CodebookModel, CodebookModelConfig, SiteSpec
-from codebook_lens.refs import CodeRef
-from codebook_lens.steering import generate, mentions_topic, steering_eval
+from codebook_lens.cli.main import main
+from codebook_lens.core import sites as S
+from codebook_lens.core.codebook import CodebookConfig
+from codebook_lens.core.loading import load_codebook_model
+from codebook_lens.core.model import CodebookModel, CodebookModelConfig, SiteSpec
+from codebook_lens.core.refs import CodeRef
+from codebook_lens.steering.intervene import Intervention, intervene, token_positions
+from codebook_lens.steering.sampling import generate, mentions_topic, steering_eval
 
 K_MLP, K_HEADS = 3, 2
 POSITIONS = [1, 4, 6]
@@ -609,7 +609,7 @@ def test_cli_steer_eval_with_codes(saved, tmp_path, capsys):
 def _fake_cache_search(monkeypatch, calls):
     """A stand-in cache and search module: two codes of layer0_mlp and one of layer1_mlp,
     best first, from either selection."""
-    from codebook_lens.search import per_codebook
+    from codebook_lens.analysis.search import per_codebook
 
     class CodeCache:
         @staticmethod
@@ -629,12 +629,12 @@ def _fake_cache_search(monkeypatch, calls):
         return [hit(ref=r, score=5.0 - i, frequency=0.02) for i, r in enumerate(refs)]
 
     monkeypatch.setitem(
-        sys.modules, "codebook_lens.cache", types.SimpleNamespace(CodeCache=CodeCache)
+        sys.modules, "codebook_lens.cache.store", types.SimpleNamespace(CodeCache=CodeCache)
     )
     search = types.SimpleNamespace(
         topic_codes=topic_codes, effect_codes=effect_codes, per_codebook=per_codebook
     )
-    monkeypatch.setitem(sys.modules, "codebook_lens.search", search)
+    monkeypatch.setitem(sys.modules, "codebook_lens.analysis.search", search)
 
 
 def test_cli_steer_eval_picks_codes_from_a_cache(saved, monkeypatch, capsys):

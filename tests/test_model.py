@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import FAMILY_NAMES, tiny_bert_config, tiny_model
 
-from codebook_lens import sites as S
-from codebook_lens.codebook import CodebookConfig
-from codebook_lens.model import CodebookModel, CodebookModelConfig, SiteSpec
+from codebook_lens.core import sites as S
+from codebook_lens.core.codebook import CodebookConfig
+from codebook_lens.core.errors import ModelLoadError
+from codebook_lens.core.model import CodebookModel, CodebookModelConfig, SiteSpec
 
 SITE_NAMES = list(S.SITES)
 
@@ -214,7 +215,7 @@ def test_loading_into_a_mismatched_model_fails_clearly(tokens, tmp_path):
     other = wrap(tiny_model("gpt2"), "attn", num_codes=24)
     with pytest.raises(ValueError, match="missing .*layer0_attn.weight"):
         other.load_codebooks(tmp_path / "codebooks.safetensors")
-    with pytest.raises(FileNotFoundError, match="is not a saved codebook model"):
+    with pytest.raises(ModelLoadError, match="is not a saved codebook model"):
         CodebookModel.from_pretrained(tmp_path / "nowhere", base_model=tiny_model("gpt2"))
 
 

@@ -10,9 +10,9 @@ import torch
 from conftest import corpus_text, save_tiny_lm, tiny_bert_config
 from safetensors.torch import load_file
 
-from codebook_lens.cli import main as cli_main
-from codebook_lens.config import load_train_config
-from codebook_lens.train import TrainError, distill_loss, train
+from codebook_lens.cli.main import main as cli_main
+from codebook_lens.training.config import load_train_config
+from codebook_lens.training.loop import TrainError, distill_loss, train
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ def test_two_processes_hold_identical_codebooks(tiny_dir, tmp_path):
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "codebook_lens.cli",
+        "codebook_lens.cli.main",
         "train",
         str(config),
         *args,
@@ -248,7 +248,7 @@ def test_killed_process_resumes_to_the_same_result(tiny_dir, tmp_path):
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "codebook_lens.cli", "train", str(config), *cfg_args],
+        [sys.executable, "-m", "codebook_lens.cli.main", "train", str(config), *cfg_args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -293,7 +293,7 @@ def test_tensorboard_mirrors_the_json_metrics(tiny_dir, tmp_path):
 @pytest.mark.parametrize("with_splits", [False, True])
 def test_trains_on_a_local_datasets_directory(tiny_dir, tmp_path, with_splits):
     datasets = pytest.importorskip("datasets")
-    from codebook_lens.data import DataError, iter_documents
+    from codebook_lens.data.documents import DataError, iter_documents
 
     texts = [corpus_text(30, seed=i) for i in range(40)]
     path = tmp_path / "ds"

@@ -16,18 +16,18 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from codebook_lens.cache import CacheError, CodeCache  # noqa: E402
-from codebook_lens.intervene import Intervention  # noqa: E402
-from codebook_lens.loading import load_codebook_model  # noqa: E402
-from codebook_lens.refs import CodeRef  # noqa: E402
-from codebook_lens.search import (  # noqa: E402
+from codebook_lens.analysis.search import (  # noqa: E402
     SearchError,
     logit_effect,
     regex_codes,
     similar_codes,
     topic_codes,
 )
-from codebook_lens.steering import generate  # noqa: E402
+from codebook_lens.cache.store import CacheError, CodeCache  # noqa: E402
+from codebook_lens.core.loading import load_codebook_model  # noqa: E402
+from codebook_lens.core.refs import CodeRef  # noqa: E402
+from codebook_lens.steering.intervene import Intervention  # noqa: E402
+from codebook_lens.steering.sampling import generate  # noqa: E402
 from codebook_lens.web import create_app  # noqa: E402
 from codebook_lens.web.service import check_model_fits  # noqa: E402
 
@@ -430,7 +430,7 @@ def test_openapi_schema_lists_the_api_and_no_cdn_docs(client):
 
 
 def test_cli_serve_reports_a_missing_cache(tmp_path, capsys):
-    from codebook_lens.cli import build_parser, main
+    from codebook_lens.cli.main import build_parser, main
 
     args = build_parser().parse_args(["serve", str(tmp_path)])
     assert args.host == "127.0.0.1" and args.model is None

@@ -19,8 +19,8 @@ if not CHROMIUM.exists():
 pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from codebook_lens.cache import CodeCache  # noqa: E402
-from codebook_lens.refs import CodeRef  # noqa: E402
+from codebook_lens.cache.store import CodeCache  # noqa: E402
+from codebook_lens.core.refs import CodeRef  # noqa: E402
 from codebook_lens.web import create_app  # noqa: E402
 
 # Chromium as root in a container, with nothing reaching out to the network on its own.

@@ -4,9 +4,14 @@ Sparse, discrete vector-quantization bottlenecks inserted into the layers of a
 transformers causal LM, so that every hidden state is the sum of a few codes.
 """
 
-from .codebook import Codebook, CodebookConfig, CodebookOutput, topk_codes
-from .model import CodebookModel, CodebookModelConfig, CodebookModelOutput, SiteSpec
-from .sites import FAMILIES, SITES
+from codebook_lens.core.codebook import Codebook, CodebookConfig, CodebookOutput, topk_codes
+from codebook_lens.core.model import (
+    CodebookModel,
+    CodebookModelConfig,
+    CodebookModelOutput,
+    SiteSpec,
+)
+from codebook_lens.core.sites import FAMILIES, SITES
 
 __version__ = "0.1.0"
 

@@ -3,6 +3,6 @@
 Needs the web extras (fastapi, uvicorn, jinja2); ``create_app`` builds the app.
 """
 
-from .app import create_app
+from codebook_lens.web.app import create_app
 
 __all__ = ["create_app"]

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from .params import (
+from codebook_lens.web.params import (
     CodebookQuery,
     CodePath,
     Fraction,
@@ -25,7 +25,7 @@ from .params import (
     TopicRequest,
     Window,
 )
-from .service import Browser
+from codebook_lens.web.service import Browser
 
 Json = dict[str, Any]
 

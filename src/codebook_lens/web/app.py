@@ -21,10 +21,10 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException
 
-from .. import __version__
-from .api import api_router
-from .pages import make_templates, page_router
-from .service import Browser, QueryError
+from codebook_lens import __version__
+from codebook_lens.web.api import api_router
+from codebook_lens.web.pages import make_templates, page_router
+from codebook_lens.web.service import Browser, QueryError
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger(__name__)

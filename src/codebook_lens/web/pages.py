@@ -11,9 +11,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from ..cache import CacheError
-from ..search import SearchError
-from .params import (
+from codebook_lens.analysis.search import SearchError
+from codebook_lens.cache.store import CacheError
+from codebook_lens.core.errors import CodebookLensError
+from codebook_lens.web.params import (
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARS,
     MAX_RESULTS,
@@ -41,7 +42,7 @@ from .params import (
     check_unicode,
     split_codes,
 )
-from .service import Browser, QueryError
+from codebook_lens.web.service import Browser, QueryError
 
 HERE = Path(__file__).resolve().parent
 
@@ -255,7 +256,9 @@ def page_router(browser: Browser, templates: Jinja2Templates) -> APIRouter:
             try:
                 check_unicode(prompt, "prompt")
                 if max(len(force), len(off)) > MAX_STEER_CODES:
-                    raise ValueError(f"name at most {MAX_STEER_CODES} codes to force or disable")
+                    raise CodebookLensError(
+                        f"name at most {MAX_STEER_CODES} codes to force or disable"
+                    )
                 result = browser.steer(
                     prompt,
                     force,

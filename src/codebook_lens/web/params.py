@@ -7,8 +7,9 @@ from typing import Annotated, Literal, get_args
 from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..intervene import MODES
-from ..search import MAX_PATTERN_CHARS
+from codebook_lens.analysis.search import MAX_PATTERN_CHARS
+from codebook_lens.core.errors import CodebookLensError
+from codebook_lens.steering.intervene import MODES
 
 MAX_CODE_CHARS = 120
 MAX_PER_PAGE = 100
@@ -78,7 +79,7 @@ def check_unicode(text: str, name: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"the {name} holds characters that are not valid Unicode") from None
+        raise CodebookLensError(f"the {name} holds characters that are not valid Unicode") from None
     return text
 
 

@@ -1,6 +1,6 @@
 """What the code browser answers, as plain dicts, independent of the web framework.
 
-:class:`Browser` holds one opened :class:`~codebook_lens.cache.CodeCache` (memory-mapped,
+:class:`Browser` holds one opened :class:`~codebook_lens.cache.store.CodeCache` (memory-mapped,
 nothing read up front) and, optionally, a loaded model for topic search and steering.
 Every method is safe to call from several threads at once: model calls are serialised
 with a lock, the regex searches that may run at once are bounded, and the first read of
@@ -19,15 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cache import CacheError, CodeCache
-from ..loading import Loaded
-from ..refs import CodeRef
+from codebook_lens.cache.store import CacheError, CodeCache
+from codebook_lens.core.errors import CodebookLensError
+from codebook_lens.core.loading import Loaded
+from codebook_lens.core.refs import CodeRef
 
 VECTOR_CACHE = 4  # codebooks whose code vectors stay in memory for similar-code queries
 MATCH_CACHE_BYTES = 64 << 20  # regex match masks kept, so re-sorting a search is quick
 
 
-class QueryError(Exception):
+class QueryError(CodebookLensError):
     """A request that cannot be answered, with the HTTP status that says why."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -107,7 +108,7 @@ class Browser:
         self._plot: str | None = None
         self._overview: dict[str, Any] | None = None
         if model_dir is not None:
-            from ..loading import load_codebook_model
+            from codebook_lens.core.loading import load_codebook_model
 
             loaded = load_codebook_model(model_dir)
             check_model_fits(self.cache, loaded)
@@ -195,8 +196,8 @@ class Browser:
         """The frequency-by-rank plot of every codebook, rendered once."""
         with self._plot_lock:  # matplotlib is not thread-safe, and one render is enough
             if self._plot is None:
-                from ..report import frequency_plot
-                from ..search import frequency_by_rank
+                from codebook_lens.analysis.search import frequency_by_rank
+                from codebook_lens.plots import frequency_plot
 
                 counts = {
                     k: frequency_by_rank(self.cache, k).tolist() for k in self.cache.codebooks
@@ -234,7 +235,7 @@ class Browser:
         similar: int = 10,
     ) -> dict[str, Any]:
         """Everything the code page shows: frequency, contexts, logit effect, similar codes."""
-        from ..search import logit_effect
+        from codebook_lens.analysis.search import logit_effect
 
         cache = self.cache
         info = cache.codebooks[ref.codebook]
@@ -264,7 +265,7 @@ class Browser:
         }
 
     def similar(self, ref: CodeRef, top: int = 10) -> list[tuple[CodeRef, float]]:
-        """As :func:`codebook_lens.search.similar_codes`, from vectors normalised once."""
+        """As :func:`codebook_lens.analysis.search.similar_codes`, from vectors normalised once."""
         units = self.cache.unit_vectors(ref.codebook)[ref.group]
         sims = units @ units[ref.code]
         sims[ref.code] = -float("inf")
@@ -277,9 +278,9 @@ class Browser:
     # -- search ----------------------------------------------------------------------------
 
     def _matches(self, pattern: str, deadline: float) -> np.ndarray:
-        """The tokens matching ``pattern`` (see :func:`codebook_lens.search.matching_tokens`),
+        """The tokens matching ``pattern`` (see :func:`codebook_lens.analysis.search.matching_tokens`),
         kept for the latest patterns so that re-sorting or re-filtering a search is quick."""
-        from ..search import matching_tokens
+        from codebook_lens.analysis.search import matching_tokens
 
         with self._matches_lock:
             if pattern in self._match_cache:
@@ -305,7 +306,7 @@ class Browser:
         codebook: str | None = None,
     ) -> dict[str, Any]:
         """Codes ranked by precision/recall on the pattern's matches, within the time budget."""
-        from ..search import RegexResult, score_codes
+        from codebook_lens.analysis.search import RegexResult, score_codes
 
         codebooks = self.codebook(codebook)
         self._ensure_text()
@@ -354,7 +355,7 @@ class Browser:
         limit: int = 50,
     ) -> dict[str, Any]:
         """Codes that cover ``text`` (runs the model on it)."""
-        from ..search import topic_codes
+        from codebook_lens.analysis.search import topic_codes
 
         self._model()
         with self.model_lock:
@@ -385,8 +386,8 @@ class Browser:
         strength: float = 1.0,
     ) -> dict[str, Any]:
         """Continuations of ``prompt`` without and with the intervention, same seeds."""
-        from ..intervene import Intervention, check_intervention
-        from ..steering import generate
+        from codebook_lens.steering.intervene import Intervention, check_intervention
+        from codebook_lens.steering.sampling import generate
 
         loaded = self.loaded
         if loaded is None:

@@ -1,0 +1,5 @@
+import sys
+
+from codebook_lens.cli.main import main
+
+sys.exit(main())

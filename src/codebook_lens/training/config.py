@@ -1,0 +1,303 @@
+"""Dataclass configs from YAML with strict keys.
+
+Every section is a dataclass; :func:`from_dict` builds one from plain data and
+rejects unknown keys with a suggestion (``optim.lr_codebok`` -> did you mean
+``codebook_lr``?) and values of the wrong type with the expected type named.
+``key=value`` overrides address nested keys with dots; values are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from codebook_lens.core.errors import CodebookLensError
+
+T = TypeVar("T")
+
+
+class ConfigError(CodebookLensError):
+    """A config value or key that is not allowed; the message says what is."""
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} (known keys: {', '.join(sorted(known))})"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {_type_name(tp)}"
+        )
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"{where} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+            )
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _looks_numeric(value):
+            value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, strictly."""
+    label = where or cls.__name__
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key {path!r}{_suggest(str(key), list(fields))}")
+        kwargs[key] = _convert(value, hints[key], path)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{label}: missing required key(s) {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{label}: {err}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data (for YAML/JSON) from nested dataclasses."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to nested plain data."""
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+# ----------------------------------------------------------------------------------------
+# the training config (``codebook train CONFIG.yaml``)
+
+
+@dataclasses.dataclass
+class ModelSection:
+    """path: a local model directory, or ``smollm2-135m`` for the offline SmolLM2 asset."""
+
+    path: str = "smollm2-135m"
+    dtype: typing.Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclasses.dataclass
+class DataSection:
+    """corpus: ``offline`` (the packaged corpus), text files / a directory of them, or a
+    local ``datasets`` directory (saved with ``save_to_disk``)."""
+
+    corpus: str = "offline"
+    text_field: str = "text"
+    seq_len: int = 256
+    eval_fraction: float = 0.02
+    max_train_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+@dataclasses.dataclass
+class CodebooksSection:
+    """sites: a list of {site, layers, codebook: {num_codes, k, similarity, ...}}."""
+
+    sites: list[dict] = dataclasses.field(
+        default_factory=lambda: [{"site": "attn_heads", "codebook": {"num_codes": 1024, "k": 1}}]
+    )
+    kmeans_init: bool = False
+    kmeans_tokens: int = 16384
+    revive_after_steps: int | None = 100
+
+
+@dataclasses.dataclass
+class OptimSection:
+    """lm_weight and distill_weight weigh the two output terms of the loss: the LM
+    cross-entropy and the KL divergence from the model with its codebooks off (the base
+    model) to the codebook model, per token. Distillation needs ``freeze_base``: the
+    teacher is the same frozen weights run without codebooks, at no memory cost."""
+
+    lr: float = 1e-4
+    codebook_lr: float = 1e-3
+    weight_decay: float = 0.0
+    freeze_base: bool = False
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float | None = 1.0
+    lm_weight: float = 1.0
+    distill_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("lm_weight", "distill_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"optim.{name} must be finite and >= 0, got {value}")
+        if self.distill_weight > 0 and not self.freeze_base:
+            raise ConfigError(
+                "optim.distill_weight > 0 needs optim.freeze_base: true (the teacher is the "
+                "frozen base model run without its codebooks)"
+            )
+
+
+@dataclasses.dataclass
+class ScheduleSection:
+    max_steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 50
+    scheduler: typing.Literal["cosine", "linear", "constant"] = "cosine"
+    seed: int = 0
+    mixed_precision: typing.Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+
+@dataclasses.dataclass
+class LoggingSection:
+    every: int = 10
+    wandb: bool = False
+    tensorboard: bool = False
+
+
+@dataclasses.dataclass
+class EvalSection:
+    every: int = 200
+    batches: int = 20
+
+
+@dataclasses.dataclass
+class CheckpointSection:
+    every: int = 200
+    keep: int = 2
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    output_dir: str = "runs/train"
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    codebooks: CodebooksSection = dataclasses.field(default_factory=CodebooksSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    schedule: ScheduleSection = dataclasses.field(default_factory=ScheduleSection)
+    logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML file (or defaults) plus ``key=value`` overrides."""
+    data = load_yaml(path) if path is not None else {}
+    return from_dict(TrainConfig, apply_overrides(data, overrides or []))
