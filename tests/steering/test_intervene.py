@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import save_tiny_lm, tiny_model
+from helpers import save_tiny_lm, tiny_model
 
 from codebook_lens.cli.main import main
 from codebook_lens.core import sites as S

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import corpus_text, save_tiny_lm, tiny_bert_config
+from helpers import corpus_text, save_tiny_lm, tiny_bert_config
 from safetensors.torch import load_file
 
 from codebook_lens.cli.main import main as cli_main

@@ -392,7 +392,9 @@ def test_native_build_survives_a_stale_lock():
     lock.touch()
     old = time.time() - 3600
     os.utime(lock, (old, old))
-    code = "from codebook_lens.core import _native; import sys; sys.exit(0 if _native.load() else 1)"
+    code = (
+        "from codebook_lens.core import _native; import sys; sys.exit(0 if _native.load() else 1)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], timeout=240, capture_output=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not lock.exists()

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import corpus_text, save_tiny_codebook_model
+from helpers import corpus_text, save_tiny_codebook_model
 
 from codebook_lens.analysis.neurons import (
     code_curve,

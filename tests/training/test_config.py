@@ -58,7 +58,7 @@ def test_shipped_configs_parse(name):
 
     from codebook_lens.core.model import SiteSpec
 
-    cfg = load_train_config(Path(__file__).parent.parent / "configs" / name)
+    cfg = load_train_config(Path(__file__).parents[2] / "configs" / name)
     assert cfg.model.path == "smollm2-135m"
     specs = [SiteSpec.from_dict(s) for s in cfg.codebooks.sites]
     assert specs and all(s.codebook.k < s.codebook.num_codes for s in specs)

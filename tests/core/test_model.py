@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, tiny_bert_config, tiny_model
+from helpers import FAMILY_NAMES, tiny_bert_config, tiny_model
 
 from codebook_lens.core import sites as S
 from codebook_lens.core.codebook import CodebookConfig
@@ -198,7 +198,7 @@ def test_loading_into_a_mismatched_model_fails_clearly(tokens, tmp_path):
         CodebookModel.from_pretrained(tmp_path, base_model=tiny_model("llama"))
     with pytest.raises(ValueError, match="holds codebooks only; pass base_model="):
         CodebookModel.from_pretrained(tmp_path)
-    from conftest import tiny_config
+    from helpers import tiny_config
     from transformers import AutoModelForCausalLM
 
     wide = tiny_config("gpt2")

@@ -1,0 +1,121 @@
+"""Shared test helpers: tiny random models of every family, a tiny LM with a real tokenizer,
+synthetic text and a tiny saved codebook model, all built offline from config."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from codebook_lens.core.selfcheck import tiny_config as shared_tiny_config
+
+VOCAB = 97
+
+
+def tiny_config(family: str):
+    return shared_tiny_config(family, hidden=32, vocab=VOCAB, positions=64)
+
+
+FAMILY_NAMES = ["gpt2", "gpt_neo", "gpt_neox", "llama", "qwen2", "mistral"]
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    model.eval()
+    return model
+
+
+def save_tiny_lm(directory, family: str = "gpt_neox", seed: int = 0):
+    """A tiny random model plus a real (byte-level BPE) tokenizer, saved like a hub model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = corpus_text(200)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([text], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    config = tiny_config(family)
+    config.vocab_size = len(fast)
+    config.eos_token_id = config.pad_token_id = fast.eos_token_id
+    config.bos_token_id = fast.eos_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+def corpus_text(lines: int, seed: int = 0) -> str:
+    """Deterministic English-like text with learnable regularities."""
+    import random
+
+    rng = random.Random(seed)
+    subjects = ["the cat", "a dog", "my friend", "the old man", "she", "he"]
+    verbs = ["sees", "likes", "finds", "eats", "paints", "builds"]
+    objects = ["a red apple", "the blue house", "a small boat", "the big tree", "an old book"]
+    months = ["January", "February", "March", "April", "May", "June"]
+    out = []
+    for _ in range(lines):
+        out.append(
+            f"In {rng.choice(months)} {rng.randint(1900, 2020)}, {rng.choice(subjects)} "
+            f"{rng.choice(verbs)} {rng.choice(objects)}."
+        )
+    return "\n".join(out)
+
+
+def tiny_bert_config(**kw):
+    """A small BERT config: a family this project does not support."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        num_hidden_layers=1,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=50,
+        **kw,
+    )
+
+
+def save_tiny_codebook_model(root, outlier_factor: float | None = None):
+    """A tiny llama with MLP codebooks (16 codes, k=2) on layers 0 and 1 and per-head
+    codebooks (8 codes, k=1) on layer 1, saved with its base and tokenizer in ROOT/model.
+    ``outlier_factor`` goes to the MLP codebooks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codebook_lens.core.codebook import CodebookConfig
+    from codebook_lens.core.model import CodebookModel, CodebookModelConfig, SiteSpec
+
+    save_tiny_lm(root / "lm", "llama")
+    base = AutoModelForCausalLM.from_pretrained(root / "lm")
+    torch.manual_seed(0)
+    cfg = CodebookModelConfig(
+        [
+            SiteSpec(
+                "mlp",
+                CodebookConfig(num_codes=16, k=2, outlier_factor=outlier_factor),
+                layers=[0, 1],
+            ),
+            SiteSpec("attn_heads", CodebookConfig(num_codes=8, k=1), layers=[1]),
+        ]
+    )
+    model = CodebookModel(base, cfg)
+    out = root / "model"
+    model.save_pretrained(out, include_base=True)
+    AutoTokenizer.from_pretrained(root / "lm").save_pretrained(out / "base")
+    return out
+
+
+WEB_DOCS = [
+    "In January 1999 the café opened. Über naïve résumé — 東京 and 1984!",
+    corpus_text(40, seed=5),
+    "May 2001: a small boat, the big tree.\nJune 1950 → the blue house.",
+    corpus_text(30, seed=6),
+]
