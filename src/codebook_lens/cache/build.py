@@ -34,7 +34,9 @@ from codebook_lens.cache.store import (
     code_dtype,
     stored_ids,
 )
+from codebook_lens.core import sites as S
 from codebook_lens.core.loading import Loaded, TextCodec
+from codebook_lens.data.documents import iter_documents
 from codebook_lens.data.fsm import FSM
 
 PROGRESS = "progress.json"
@@ -118,8 +120,6 @@ def corpus_documents(
         return fsm_documents(FSM.load(loaded.task["fsm"]), math.ceil(max_tokens / seq_len), seq_len)
     if loaded.kind == "tokfsm":
         raise CacheError("a TokFSM model reads only its own walks: use corpus 'fsm'")
-    from codebook_lens.data.documents import iter_documents
-
     return iter_documents(corpus, split)
 
 
@@ -165,8 +165,6 @@ def code_logit_effects(
     Returns ``promoted``/``suppressed`` token ids ``(G, C, top)`` and their centred logits
     ``promoted_logit``/``suppressed_logit``.
     """
-    from codebook_lens.core import sites as S
-
     model = loaded.model
     base = model.model
     cb = model.codebooks[key]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from codebook_lens.core.errors import CodebookLensError
-from codebook_lens.core.loading import Loaded
+from codebook_lens.core.loading import Loaded, load_codebook_model
 from codebook_lens.core.refs import CodeRef, check_ref
 
 FORMAT_NAME = "codebook-lens-cache"
@@ -325,8 +325,6 @@ class CodeCache:
     def model(self) -> Loaded:
         """The model this cache was built from (loaded once, on first use)."""
         if self._loaded is None:
-            from codebook_lens.core.loading import load_codebook_model
-
             self._loaded = load_codebook_model(self.manifest["model"])
         return self._loaded
 

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from codebook_lens.core.errors import CodebookLensError
+from codebook_lens.data.corpus import iter_corpus
 
 
 class DataError(CodebookLensError):
@@ -52,8 +53,6 @@ def iter_documents(
     if split not in ("train", "eval"):
         raise CodebookLensError(f"split must be 'train' or 'eval', got {split!r}")
     if corpus == "offline":
-        from codebook_lens.data.corpus import iter_corpus
-
         for doc in iter_corpus(split):
             yield doc["text"]
         return

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from codebook_lens.core import sites as S
 from codebook_lens.core.errors import CodebookLensError
 from codebook_lens.core.model import CodebookModel, CodebookModelConfig, SiteSpec
 from codebook_lens.data.assets import smollm2_dir
@@ -135,8 +136,6 @@ def kmeans_init(
     activations) from the first ``tokens`` tokens of the training stream.
     """
     samples: dict[str, list[torch.Tensor]] = {k: [] for k in model.codebooks}
-    from codebook_lens.core import sites as S
-
     handles = []
     for key, (site, layer) in model.placement.items():
 

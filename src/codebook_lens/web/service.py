@@ -19,10 +19,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from codebook_lens.analysis.search import (
+    RegexResult,
+    frequency_by_rank,
+    logit_effect,
+    matching_tokens,
+    score_codes,
+    topic_codes,
+)
 from codebook_lens.cache.store import CacheError, CodeCache
 from codebook_lens.core.errors import CodebookLensError
-from codebook_lens.core.loading import Loaded
+from codebook_lens.core.loading import Loaded, load_codebook_model
 from codebook_lens.core.refs import CodeRef
+from codebook_lens.plots import frequency_plot
+from codebook_lens.steering.intervene import Intervention, check_intervention
+from codebook_lens.steering.sampling import generate
 
 VECTOR_CACHE = 4  # codebooks whose code vectors stay in memory for similar-code queries
 MATCH_CACHE_BYTES = 64 << 20  # regex match masks kept, so re-sorting a search is quick
@@ -108,8 +119,6 @@ class Browser:
         self._plot: str | None = None
         self._overview: dict[str, Any] | None = None
         if model_dir is not None:
-            from codebook_lens.core.loading import load_codebook_model
-
             loaded = load_codebook_model(model_dir)
             check_model_fits(self.cache, loaded)
             self.cache.set_model(loaded)
@@ -196,9 +205,6 @@ class Browser:
         """The frequency-by-rank plot of every codebook, rendered once."""
         with self._plot_lock:  # matplotlib is not thread-safe, and one render is enough
             if self._plot is None:
-                from codebook_lens.analysis.search import frequency_by_rank
-                from codebook_lens.plots import frequency_plot
-
                 counts = {
                     k: frequency_by_rank(self.cache, k).tolist() for k in self.cache.codebooks
                 }
@@ -235,8 +241,6 @@ class Browser:
         similar: int = 10,
     ) -> dict[str, Any]:
         """Everything the code page shows: frequency, contexts, logit effect, similar codes."""
-        from codebook_lens.analysis.search import logit_effect
-
         cache = self.cache
         info = cache.codebooks[ref.codebook]
         counts = cache.counts(ref.codebook)
@@ -280,8 +284,6 @@ class Browser:
     def _matches(self, pattern: str, deadline: float) -> np.ndarray:
         """The tokens matching ``pattern`` (see :func:`codebook_lens.analysis.search.matching_tokens`),
         kept for the latest patterns so that re-sorting or re-filtering a search is quick."""
-        from codebook_lens.analysis.search import matching_tokens
-
         with self._matches_lock:
             if pattern in self._match_cache:
                 self._match_cache.move_to_end(pattern)
@@ -306,8 +308,6 @@ class Browser:
         codebook: str | None = None,
     ) -> dict[str, Any]:
         """Codes ranked by precision/recall on the pattern's matches, within the time budget."""
-        from codebook_lens.analysis.search import RegexResult, score_codes
-
         codebooks = self.codebook(codebook)
         self._ensure_text()
         with self._regex_slots:
@@ -355,8 +355,6 @@ class Browser:
         limit: int = 50,
     ) -> dict[str, Any]:
         """Codes that cover ``text`` (runs the model on it)."""
-        from codebook_lens.analysis.search import topic_codes
-
         self._model()
         with self.model_lock:
             hits = topic_codes(
@@ -386,9 +384,6 @@ class Browser:
         strength: float = 1.0,
     ) -> dict[str, Any]:
         """Continuations of ``prompt`` without and with the intervention, same seeds."""
-        from codebook_lens.steering.intervene import Intervention, check_intervention
-        from codebook_lens.steering.sampling import generate
-
         loaded = self.loaded
         if loaded is None:
             raise QueryError(404, "steering needs the server started with --model MODEL_DIR")

@@ -24,6 +24,7 @@ from codebook_lens.plots import (
 from codebook_lens.plots import (
     svg as _svg,
 )
+from codebook_lens.training.config import to_dict
 
 PAPER_TABLE1 = [
     # (setting, lm loss, next-token acc %, state acc %) from the paper's Table 1
@@ -67,8 +68,6 @@ def precision_plot(per_state: list[dict]) -> str:
 
 def fsm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
     """Write ``run_dir/report.html`` for a TokFSM run."""
-    from codebook_lens.training.config import to_dict
-
     m = metrics
     rows, classes = [], []
     for name in ("base", "codebook"):
