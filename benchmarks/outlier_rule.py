@@ -48,7 +48,7 @@ def main() -> None:
 
     cfg = load_train_config(args.config, [f"data.max_train_tokens={args.max_train_tokens}"])
     for site in cfg.codebooks.sites:  # every layer, whatever the config chose
-        site["layers"] = None
+        site.layers = None
     base, tokenizer = load_base(cfg.model.path)
     data = _corpus_data(cfg, tokenizer)
     bs = cfg.schedule.batch_size

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from codebook_lens.core.model import CodebookModel, CodebookModelConfig, SiteSpec
+from codebook_lens.core.model import CodebookModel, CodebookModelConfig
 from codebook_lens.training.config import load_train_config
 from codebook_lens.training.loop import load_base
 
@@ -74,8 +74,7 @@ def main():
     base.zero_grad(set_to_none=True)
 
     cb_base = copy.deepcopy(base)
-    specs = [SiteSpec.from_dict(s) for s in cfg.codebooks.sites]
-    cbm = CodebookModel(cb_base, CodebookModelConfig(specs))
+    cbm = CodebookModel(cb_base, CodebookModelConfig(list(cfg.codebooks.sites)))
     cbm.track_usage(True)
     extra = codebook_flops_per_token(cbm) * tokens
     predicted = base_flops / (base_flops + extra)
@@ -97,7 +96,7 @@ def main():
     measured = t_base / t_cb
     result = {
         "model": cfg.model.path,
-        "sites": cfg.codebooks.sites,
+        "sites": [site.to_dict() for site in cfg.codebooks.sites],
         "tokens_per_step": tokens,
         "base_tokens_per_s": tokens / t_base,
         "codebook_tokens_per_s": tokens / t_cb,

@@ -2,8 +2,15 @@
 
 Every section is a dataclass; :func:`from_dict` builds one from plain data and
 rejects unknown keys with a suggestion (``optim.lr_codebok`` -> did you mean
-``codebook_lr``?) and values of the wrong type with the expected type named.
-``key=value`` overrides address nested keys with dots; values are parsed as YAML.
+``codebook_lr``?) and values of the wrong type with the expected type named, at
+every level: a codebook site is a :class:`SiteSection` (the model's own
+:class:`~codebook_lens.core.model.SiteSpec`) and its options a
+:class:`~codebook_lens.core.codebook.CodebookConfig`, so that
+``codebooks.sites[0].codebook.num_code`` is refused, with ``num_codes`` suggested,
+before any model loads. Values are checked by the sections themselves (steps and
+batch sizes at least 1, learning rates finite and positive, ...); NaN and infinity
+are refused everywhere. ``key=value`` overrides address nested keys with dots; values
+are parsed as YAML.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from codebook_lens.core.codebook import CodebookConfig
 from codebook_lens.core.errors import CodebookLensError
+from codebook_lens.core.model import SiteSpec
 
 T = TypeVar("T")
 
@@ -72,7 +81,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
-        if dataclasses.is_dataclass(value):
+        if isinstance(value, tp):
             return value
         return from_dict(tp, value, where)
     if tp is bool:
@@ -88,6 +97,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(
+                f"{where} must be finite, got {value!r} (NaN and infinity are refused)"
+            )
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -167,6 +180,51 @@ def _looks_numeric(text: str) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------------------
+# value checks, shared by the sections (here and in the TokFSM experiment's config)
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise ``key must be ALLOWED, got VALUE`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+
+
+def at_least(section: str, obj: Any, minimum: int, *names: str) -> None:
+    """Integer fields of ``obj`` that must be at least ``minimum`` (None passes: only
+    optional fields can hold it)."""
+    for name in names:
+        value = getattr(obj, name)
+        require(value is None or value >= minimum, f"{section}.{name}", value, f">= {minimum}")
+
+
+def positive(section: str, obj: Any, *names: str) -> None:
+    """Number fields of ``obj`` that must be finite and > 0 (None passes)."""
+    for name in names:
+        value = getattr(obj, name)
+        ok = value is None or (math.isfinite(value) and value > 0)
+        require(ok, f"{section}.{name}", value, "a finite number > 0")
+
+
+def non_negative(section: str, obj: Any, *names: str) -> None:
+    """Number fields of ``obj`` that must be finite and >= 0."""
+    for name in names:
+        value = getattr(obj, name)
+        ok = math.isfinite(value) and value >= 0
+        require(ok, f"{section}.{name}", value, "a finite number >= 0")
+
+
+def all_finite(section: str, obj: Any) -> None:
+    """No NaN or infinity in any float field of the dataclass ``obj`` (or in a list field)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise ConfigError(
+                f"{section}.{f.name} must be finite, got {value!r} (NaN and infinity are refused)"
+            )
+
+
 def load_yaml(path: str | Path) -> dict:
     import yaml
 
@@ -208,22 +266,45 @@ class DataSection:
     max_train_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        all_finite("data", self)
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        at_least("data", self, 1, "max_train_tokens")
+
+
+# One codebook site of the schema: ``{site, layers, codebook: {num_codes, k, ...}}``. It
+# is the model's own SiteSpec, so the config holds exactly what the model is built from.
+SiteSection = SiteSpec
 
 
 @dataclasses.dataclass
 class CodebooksSection:
-    """sites: a list of {site, layers, codebook: {num_codes, k, similarity, ...}}."""
+    """sites: a list of :class:`SiteSection` (``{site, layers, codebook: {num_codes, k,
+    similarity, ...}}``); plain mappings given in Python are checked and converted."""
 
-    sites: list[dict] = dataclasses.field(
-        default_factory=lambda: [{"site": "attn_heads", "codebook": {"num_codes": 1024, "k": 1}}]
+    sites: list[SiteSection] = dataclasses.field(
+        default_factory=lambda: [SiteSection("attn_heads", CodebookConfig(num_codes=1024, k=1))]
     )
     kmeans_init: bool = False
     kmeans_tokens: int = 16384
     revive_after_steps: int | None = 100
+
+    def __post_init__(self) -> None:
+        self.sites = [
+            _convert(site, SiteSection, f"codebooks.sites[{i}]")
+            for i, site in enumerate(self.sites)
+        ]
+        for i, site in enumerate(self.sites):
+            layers = site.layers or []
+            require(
+                all(layer >= 0 for layer in layers),
+                f"codebooks.sites[{i}].layers",
+                site.layers,
+                "a list of layer numbers >= 0 (or null for every layer)",
+            )
+        at_least("codebooks", self, 1, "kmeans_tokens", "revive_after_steps")
 
 
 @dataclasses.dataclass
@@ -243,6 +324,12 @@ class OptimSection:
     distill_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        all_finite("optim", self)
+        positive("optim", self, "lr", "codebook_lr", "grad_clip")
+        non_negative("optim", self, "weight_decay")
+        betas = self.betas
+        ok = len(betas) == 2 and all(0 <= b < 1 for b in betas)
+        require(ok, "optim.betas", betas, "two numbers in [0, 1)")
         for name in ("lm_weight", "distill_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -264,6 +351,10 @@ class ScheduleSection:
     seed: int = 0
     mixed_precision: typing.Literal["auto", "no", "bf16", "fp16"] = "auto"
 
+    def __post_init__(self) -> None:
+        at_least("schedule", self, 1, "max_steps", "batch_size", "grad_accum")
+        at_least("schedule", self, 0, "warmup_steps")
+
 
 @dataclasses.dataclass
 class LoggingSection:
@@ -271,17 +362,29 @@ class LoggingSection:
     wandb: bool = False
     tensorboard: bool = False
 
+    def __post_init__(self) -> None:
+        at_least("logging", self, 1, "every")
+
 
 @dataclasses.dataclass
 class EvalSection:
     every: int = 200
     batches: int = 20
 
+    def __post_init__(self) -> None:
+        at_least("eval", self, 1, "every", "batches")
+
 
 @dataclasses.dataclass
 class CheckpointSection:
+    """keep: the newest checkpoints kept (0 keeps every one)."""
+
     every: int = 200
     keep: int = 2
+
+    def __post_init__(self) -> None:
+        at_least("checkpoint", self, 1, "every")
+        at_least("checkpoint", self, 0, "keep")
 
 
 @dataclasses.dataclass

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from codebook_lens.core import sites as S
 from codebook_lens.core.errors import CodebookLensError
-from codebook_lens.core.model import CodebookModel, CodebookModelConfig, SiteSpec
+from codebook_lens.core.model import CodebookModel, CodebookModelConfig
 from codebook_lens.data.assets import smollm2_dir
 from codebook_lens.data.documents import Blocks, DataError, iter_documents, tokenize_documents
 from codebook_lens.training import checkpoint as ckpt
@@ -74,11 +74,9 @@ def load_base(path: str, dtype: str = "float32"):
 
 
 def build_model(cfg: TrainConfig, base) -> CodebookModel:
-    try:
-        specs = [SiteSpec.from_dict(s) for s in cfg.codebooks.sites]
-        return CodebookModel(base, CodebookModelConfig(specs))
-    except (KeyError, TypeError) as err:
-        raise TrainError(f"codebooks.sites: {err}") from None
+    """The codebook model of ``cfg.codebooks.sites`` (checked when the config was built)
+    around ``base``."""
+    return CodebookModel(base, CodebookModelConfig(list(cfg.codebooks.sites)))
 
 
 def lr_lambda(cfg: TrainConfig):

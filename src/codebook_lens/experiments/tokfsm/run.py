@@ -18,7 +18,6 @@ every analysis of :mod:`codebook_lens.experiments.tokfsm.analysis` and
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import shutil
@@ -27,11 +26,16 @@ from pathlib import Path
 
 import torch
 
-from codebook_lens.core.errors import CodebookLensError
-from codebook_lens.core.model import CodebookModel
+from codebook_lens.core.model import CodebookModel, SiteSpec
 from codebook_lens.data.fsm import FSM, FSMData
 from codebook_lens.experiments.tokfsm import analysis as A
 from codebook_lens.experiments.tokfsm import classify as C
+from codebook_lens.experiments.tokfsm.config import (
+    PRESETS,
+    FSMExperimentConfig,
+    load_fsm_config,
+    stage_config,
+)
 from codebook_lens.experiments.tokfsm.report import fsm_report
 from codebook_lens.experiments.tokfsm.task import (
     lm_metrics,
@@ -39,243 +43,22 @@ from codebook_lens.experiments.tokfsm.task import (
     parity_rope_theta,
     state_metrics,
 )
-from codebook_lens.training.config import (
-    CheckpointSection,
-    CodebooksSection,
-    DataSection,
-    EvalSection,
-    LoggingSection,
-    OptimSection,
-    ScheduleSection,
-    TrainConfig,
-    apply_overrides,
-    from_dict,
-    to_dict,
-)
+from codebook_lens.training.config import to_dict
 from codebook_lens.training.loop import TrainData, train
 
-# ----------------------------------------------------------------------------------------
-# config
-
-
-@dataclasses.dataclass
-class TaskSection:
-    num_states: int = 100
-    out_degree: int = 10
-    base: int = 10
-    seed: int = 0
-    seq_len: int = 128
-    # training walks jump to a random state at this rate; jumped-to digits are not
-    # targets (so the model never learns to jump, but learns to recover from a jump)
-    jump_rate: float = 0.0
-
-
-@dataclasses.dataclass
-class NetSection:
-    layers: int = 4
-    hidden: int = 128
-    heads: int = 4
-    mlp: int = 512
-    rotary_fraction: float = 0.25
-    rope_theta: float = 10000.0
-    # rotary base chosen so that the fastest frequency is pi (overrides rope_theta):
-    # heads can score the parity of a distance, i.e. which digit of a state a token is
-    parity_rotary: bool = False
-
-
-@dataclasses.dataclass
-class StageSection:
-    """One training stage (the base model, or the codebook model)."""
-
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 50
-    scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    seed: int = 0
-    log_every: int = 25
-    eval_every: int = 250
-    eval_batches: int = 4
-    checkpoint_every: int = 250
-
-
-@dataclasses.dataclass
-class CodebookStageSection(StageSection):
-    """The codebook stage: codebooks on ``sites`` of every layer, initialised from the base."""
-
-    sites: list[str] = dataclasses.field(default_factory=lambda: ["attn_heads", "mlp"])
-    attn_num_codes: int = 1024
-    # measured on the cpu preset's base: with more MLP codes a state's activations split
-    # over several pure codes, and the best single code catches fewer of them (code
-    # precision for states 99.5% at 1,024 codes, 91.1% at 2,048, 84.6% at 8,192)
-    mlp_num_codes: int = 1024
-    k: int = 1
-    similarity: str = "cosine"
-    codebook_lr: float = 1e-3
-    commitment_weight: float = 0.0
-    kmeans_init: bool = True
-    kmeans_tokens: int = 32768
-    revive_after_steps: int | None = None
-    from_base: bool = True
-    # with k = 1 the straight-through gradient moved a finetuned base away from its
-    # codes and the LM loss rose (measured); the codes alone learn stably
-    freeze_base: bool = True
-
-
-@dataclasses.dataclass
-class AnalysisSection:
-    sequences: int = 256  # walks for purity, classification and frequencies
-    sample_sequences: int = 256  # sequences sampled from BOS for state accuracy
-    eval_batches: int = 8  # held-out batches for LM loss and accuracy
-    pairs: int = 200  # intervention (source, target) pairs
-    prefix_states: int = 6  # states in each intervention walk
-    purity_threshold: float = 1.0
-    seed: int = 1234
-
-
-@dataclasses.dataclass
-class FSMExperimentConfig:
-    preset: str = "cpu"
-    task: TaskSection = dataclasses.field(default_factory=TaskSection)
-    net: NetSection = dataclasses.field(default_factory=NetSection)
-    base: StageSection = dataclasses.field(default_factory=StageSection)
-    codebook: CodebookStageSection = dataclasses.field(default_factory=CodebookStageSection)
-    analysis: AnalysisSection = dataclasses.field(default_factory=AnalysisSection)
-
-
-PRESETS: dict[str, dict] = {
-    # sized for a 2-core CPU: under an hour end to end (measured figures in the README)
-    "cpu": {
-        # parity rotary: base state accuracy 99.8% after 2,000 steps against 59.5%
-        # with GPT-NeoX's rotary base (measured, README)
-        "net": {"rotary_fraction": 1.0, "parity_rotary": True},
-        "base": {
-            "steps": 8000,
-            "batch_size": 32,
-            "lr": 3e-3,
-            "warmup_steps": 100,
-            "eval_every": 1000,
-            "log_every": 50,
-            "checkpoint_every": 1000,
-        },
-        "codebook": {
-            "steps": 800,
-            "batch_size": 32,
-            "eval_every": 200,
-            "log_every": 25,
-            "checkpoint_every": 200,
-        },
-    },
-    # the demo: the cpu preset's task and model on a shorter budget (under 15 minutes)
-    "demo": {
-        "net": {"rotary_fraction": 1.0, "parity_rotary": True},
-        "base": {
-            "steps": 2000,
-            "batch_size": 32,
-            "lr": 3e-3,
-            "warmup_steps": 100,
-            "eval_every": 500,
-            "log_every": 50,
-            "checkpoint_every": 500,
-        },
-        "codebook": {
-            "steps": 250,
-            "batch_size": 32,
-            "eval_every": 125,
-            "log_every": 25,
-            "checkpoint_every": 125,
-        },
-        "analysis": {"pairs": 100, "sequences": 192, "sample_sequences": 192},
-    },
-    # the paper's Table 1 settings (attn + MLP, k = 1, C = 10k, trained from scratch
-    # with the codebooks in place); meant for a GPU
-    "paper": {
-        "net": {"rotary_fraction": 0.25},
-        "base": {
-            "steps": 20000,
-            "batch_size": 128,
-            "lr": 1e-3,
-            "warmup_steps": 500,
-            "eval_every": 2000,
-            "checkpoint_every": 2000,
-        },
-        "codebook": {
-            "steps": 20000,
-            "batch_size": 128,
-            "lr": 1e-3,
-            "warmup_steps": 500,
-            "attn_num_codes": 10000,
-            "mlp_num_codes": 10000,
-            "from_base": False,
-            "freeze_base": False,
-            "kmeans_init": False,
-            "eval_every": 2000,
-            "checkpoint_every": 2000,
-        },
-        "analysis": {"pairs": 500, "sequences": 1024, "sample_sequences": 1024},
-    },
-}
-
-
-def load_fsm_config(preset: str = "cpu", overrides: list[str] | None = None):
-    """The config of ``preset`` plus ``key=value`` overrides (strict keys)."""
-    if preset not in PRESETS:
-        raise CodebookLensError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    data = copy.deepcopy(PRESETS[preset])
-    data["preset"] = preset
-    return from_dict(FSMExperimentConfig, apply_overrides(data, overrides or []))
-
-
-def stage_config(cfg: FSMExperimentConfig, name: str, out: Path) -> TrainConfig:
-    """The :class:`TrainConfig` of stage ``name`` (``base`` or ``codebook``)."""
-    stage = getattr(cfg, name)
-    sites: list[dict] = []
-    codebooks = CodebooksSection(sites=sites, kmeans_init=False, revive_after_steps=None)
-    codebook_lr, freeze_base = stage.lr, False
-    if name == "codebook":
-        for site in stage.sites:
-            num = stage.attn_num_codes if site == "attn_heads" else stage.mlp_num_codes
-            sites.append(
-                {
-                    "site": site,
-                    "codebook": {
-                        "num_codes": num,
-                        "k": stage.k,
-                        "similarity": stage.similarity,
-                        "commitment_weight": stage.commitment_weight,
-                    },
-                }
-            )
-        codebooks = CodebooksSection(
-            sites=sites,
-            kmeans_init=stage.kmeans_init,
-            kmeans_tokens=stage.kmeans_tokens,
-            revive_after_steps=stage.revive_after_steps,
-        )
-        codebook_lr, freeze_base = stage.codebook_lr, stage.freeze_base
-    return TrainConfig(
-        output_dir=str(out / name),
-        data=DataSection(corpus="tokfsm", seq_len=cfg.task.seq_len),
-        codebooks=codebooks,
-        optim=OptimSection(
-            lr=stage.lr,
-            codebook_lr=codebook_lr,
-            weight_decay=stage.weight_decay,
-            grad_clip=1.0,
-            freeze_base=freeze_base,
-        ),
-        schedule=ScheduleSection(
-            max_steps=stage.steps,
-            batch_size=stage.batch_size,
-            warmup_steps=stage.warmup_steps,
-            scheduler=stage.scheduler,
-            seed=stage.seed,
-        ),
-        logging=LoggingSection(every=stage.log_every),
-        eval=EvalSection(every=stage.eval_every, batches=stage.eval_batches),
-        checkpoint=CheckpointSection(every=stage.checkpoint_every, keep=1),
-    )
+# the config (codebook_lens.experiments.tokfsm.config) stays importable from here
+__all__ = [
+    "PRESETS",
+    "FSMExperimentConfig",
+    "build_base",
+    "load_fsm_config",
+    "model_metrics",
+    "run",
+    "site_sets",
+    "stage_config",
+    "valid_transition_mass",
+    "walk_valid_mass",
+]
 
 
 # ----------------------------------------------------------------------------------------
@@ -328,8 +111,15 @@ def _stage(
 
 
 def _fingerprint(stage: dict) -> dict:
-    """A stage's settings without where it lives: a moved or copied run reuses its models."""
+    """A stage's settings without where it lives: a moved or copied run reuses its models.
+
+    Codebook sites are written out in full (every codebook option), so that a stamp of a
+    run that recorded only the options it set means the same settings."""
     train = {k: v for k, v in stage.get("train", {}).items() if k != "output_dir"}
+    codebooks = train.get("codebooks")
+    if isinstance(codebooks, dict) and codebooks.get("sites"):
+        sites = [SiteSpec.from_dict(site).to_dict() for site in codebooks["sites"]]
+        train["codebooks"] = {**codebooks, "sites": sites}
     return {**stage, "train": train}
 
 
