@@ -2,8 +2,9 @@
 code cache's model at a threshold matched to a recall, streamed over the cache, and the
 comparison of codes against neurons along a recall grid.
 
-Neurons are every layer's attention output, MLP output and MLP hidden units (the down
-projection's input), either sign.
+Neurons are every layer's attention output, MLP output and MLP hidden units (the input
+of the MLP's output projection, :func:`codebook_lens.core.sites.attach_mlp_hidden`),
+either sign.
 """
 
 from __future__ import annotations
@@ -22,15 +23,6 @@ from codebook_lens.cache.store import CodeCache
 from codebook_lens.core import sites as S
 
 
-def _mlp_down(block: torch.nn.Module, family: S.Family) -> torch.nn.Module | None:
-    mlp = block.get_submodule(family.mlp)
-    for name in ("down_proj", "dense_4h_to_h", "c_proj", "fc_out", "fc2"):
-        mod = getattr(mlp, name, None)
-        if isinstance(mod, torch.nn.Module):
-            return mod
-    return None
-
-
 class _Grabber:
     """Hooks that hand each layer's neurons to a callback as ``(name, (B*T, F))``."""
 
@@ -38,18 +30,11 @@ class _Grabber:
         self.base = base
         self.current: dict[str, torch.Tensor] = {}
         self.handles = []
-        _, family = S.family_of(base)
         for layer in range(S.num_layers(base)):
             for site in ("attn", "mlp"):
                 self.handles.append(S.attach(base, site, layer, self._grab(f"layer{layer}_{site}")))
-            down = _mlp_down(S.decoder_layers(base)[layer], family)
-            if down is not None:
-                name = f"layer{layer}_mlp_hidden"
-
-                def pre(_m, args, name=name):
-                    self.current[name] = args[0].detach().float().reshape(-1, args[0].shape[-1])
-
-                self.handles.append(down.register_forward_pre_hook(pre))
+            name = f"layer{layer}_mlp_hidden"
+            self.handles.append(S.attach_mlp_hidden(base, layer, self._grab(name)))
 
     def _grab(self, name: str):
         def grab(x: torch.Tensor):

@@ -8,6 +8,10 @@ A site is a place in a decoder layer whose activation a codebook replaces:
 - ``mlp``: the MLP block output;
 - ``residual``: the decoder layer output (the residual stream after the layer).
 
+The MLP hidden neurons (:func:`attach_mlp_hidden`, read by the neuron baselines) are the
+input of the MLP's output projection: ``act_fn(gate_proj(x)) * up_proj(x)`` on gated MLPs
+(Llama, Mistral, Qwen2), ``act(fc(x))`` otherwise (GPT-2, GPT-Neo, GPT-NeoX).
+
 Codebooks are attached with PyTorch forward hooks on the framework's own modules;
 no forward code of any framework is copied. Adding a family is one row of
 :data:`FAMILIES`.
@@ -34,19 +38,34 @@ class Family:
     attn_out: path from a decoder layer to the attention output projection (its input is
         the concatenation of the per-head outputs, head-major; its output is the block output).
     mlp: path from a decoder layer to the MLP block.
+    mlp_out: path from a decoder layer to the MLP's output projection (its input is the
+        MLP hidden neurons; its output is the MLP block output).
     """
 
     layers: str
     attn_out: str
     mlp: str
+    mlp_out: str
 
 
-_LLAMA_LIKE = Family(layers="model.layers", attn_out="self_attn.o_proj", mlp="mlp")
+_LLAMA_LIKE = Family(
+    layers="model.layers", attn_out="self_attn.o_proj", mlp="mlp", mlp_out="mlp.down_proj"
+)
 
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family(layers="transformer.h", attn_out="attn.c_proj", mlp="mlp"),
-    "gpt_neo": Family(layers="transformer.h", attn_out="attn.attention.out_proj", mlp="mlp"),
-    "gpt_neox": Family(layers="gpt_neox.layers", attn_out="attention.dense", mlp="mlp"),
+    "gpt2": Family(layers="transformer.h", attn_out="attn.c_proj", mlp="mlp", mlp_out="mlp.c_proj"),
+    "gpt_neo": Family(
+        layers="transformer.h",
+        attn_out="attn.attention.out_proj",
+        mlp="mlp",
+        mlp_out="mlp.c_proj",
+    ),
+    "gpt_neox": Family(
+        layers="gpt_neox.layers",
+        attn_out="attention.dense",
+        mlp="mlp",
+        mlp_out="mlp.dense_4h_to_h",
+    ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -158,3 +177,28 @@ def attach(
     target = {"attn": family.attn_out, "mlp": family.mlp}.get(site)
     module = block if target is None else block.get_submodule(target)
     return module.register_forward_hook(post_hook)
+
+
+def attach_mlp_hidden(
+    model: nn.Module, layer: int, grab: Callable[[torch.Tensor], None]
+) -> torch.utils.hooks.RemovableHandle:
+    """Hand ``grab`` the MLP hidden neurons of ``layer`` at every forward pass.
+
+    The MLP hidden neurons are the input of the MLP's output projection
+    (:attr:`Family.mlp_out`), one per intermediate unit, ``(..., intermediate_size)``:
+
+    - gated MLPs (Llama, Mistral, Qwen2; SmolLM2 is a Llama):
+      ``act_fn(gate_proj(x)) * up_proj(x)``;
+    - GPT-2, GPT-Neo, GPT-NeoX: ``act(fc(x))``.
+
+    The activation function's own output is not it: on a gated MLP it misses the up
+    projection's factor. ``grab`` only reads; the forward pass is unchanged. Returns
+    the hook handle.
+    """
+    _, family = family_of(model)
+    out_proj = decoder_layers(model)[layer].get_submodule(family.mlp_out)
+
+    def pre_hook(_module, args):
+        grab(args[0])
+
+    return out_proj.register_forward_pre_hook(pre_hook)

@@ -72,7 +72,8 @@ def neuron_activations(base, tokens: torch.Tensor, batch_size: int = 64) -> dict
     """Attention output, MLP output and MLP hidden units of every layer of ``base``.
 
     Returns name -> ``(B, T, width)`` float32 (CPU); names are ``layer{L}_attn``,
-    ``layer{L}_mlp`` and ``layer{L}_mlp_hidden`` (when the MLP has an activation module).
+    ``layer{L}_mlp`` and ``layer{L}_mlp_hidden`` (the input of the MLP's output
+    projection, :func:`codebook_lens.core.sites.attach_mlp_hidden`).
     """
     acts: dict[str, list[torch.Tensor]] = {}
     handles = []
@@ -84,14 +85,12 @@ def neuron_activations(base, tokens: torch.Tensor, batch_size: int = 64) -> dict
                 acts.setdefault(name, []).append(x.detach().float().cpu())
 
             handles.append(S.attach(base, site, layer, grab))
-        act = _mlp_activation(base, layer)
-        if act is not None:
-            name = f"layer{layer}_mlp_hidden"
+        name = f"layer{layer}_mlp_hidden"
 
-            def grab_hidden(module, args, output, name=name):
-                acts.setdefault(name, []).append(output.detach().float().cpu())
+        def grab_hidden(x, name=name):
+            acts.setdefault(name, []).append(x.detach().float().cpu())
 
-            handles.append(act.register_forward_hook(grab_hidden))
+        handles.append(S.attach_mlp_hidden(base, layer, grab_hidden))
     device = next(base.parameters()).device
     try:
         for i in range(0, tokens.shape[0], batch_size):
@@ -100,17 +99,6 @@ def neuron_activations(base, tokens: torch.Tensor, batch_size: int = 64) -> dict
         for h in handles:
             h.remove()
     return {name: torch.cat(v) for name, v in acts.items()}
-
-
-def _mlp_activation(base, layer: int):
-    """The activation-function module of a layer's MLP, when the family has one."""
-    _, family = S.family_of(base)
-    mlp = S.decoder_layers(base)[layer].get_submodule(family.mlp)
-    for attr in ("act", "act_fn", "activation"):
-        mod = getattr(mlp, attr, None)
-        if isinstance(mod, torch.nn.Module):
-            return mod
-    return None
 
 
 def neuron_precision_at_recall(
