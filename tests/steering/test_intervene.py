@@ -615,7 +615,14 @@ def _fake_cache_search(monkeypatch, calls):
         @staticmethod
         def open(directory):
             calls.append(("open", directory))
-            return "cache"
+            return cache
+
+    class Cache(str):
+        def set_model(self, loaded) -> None:
+            """The real cache checks that the model is its own first."""
+            calls.append(("set_model", type(loaded).__name__))
+
+    cache = Cache("cache")
 
     hit = types.SimpleNamespace
     refs = [CodeRef("layer1_mlp", 3), CodeRef("layer0_mlp", 5), CodeRef("layer0_mlp", 6)]
@@ -645,7 +652,7 @@ def test_cli_steer_eval_picks_codes_from_a_cache(saved, monkeypatch, capsys):
     assert main([*args, "--max-new-tokens", "3", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     limits = {"max_frequency": 0.05, "limit": None}
-    assert calls == [("open", "C"), ("topic", "cache", "cats", limits)]
+    assert calls == [("open", "C"), ("set_model", "Loaded"), ("topic", "cache", "cats", limits)]
     assert summary["force"] == ["layer1_mlp:3", "layer0_mlp:5"]
     assert [s["code"] for s in summary["selected"]] == summary["force"]
     assert [s["coverage"] for s in summary["selected"]] == [0.9, 0.8]
@@ -660,18 +667,22 @@ def test_cli_steer_eval_selects_by_effect_and_per_codebook(saved, monkeypatch, c
     args += ["--per-codebook", "1", "--prompt", "she", "--samples", "1", "--max-new-tokens", "3"]
     assert main([*args, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert calls == [("open", "C"), ("effect", "cache", ["cat", "dog"], {"limit": None})]
+    assert calls == [
+        ("open", "C"),
+        ("set_model", "Loaded"),
+        ("effect", "cache", ["cat", "dog"], {"limit": None}),
+    ]
     # the best code of each codebook: layer0_mlp:6 is the second of its book
     assert summary["force"] == ["layer1_mlp:3", "layer0_mlp:5"]
     assert [s["score"] for s in summary["selected"]] == [5.0, 4.0]
     assert main(args) == 0
     assert "selected layer1_mlp:3: logit score 5.00" in capsys.readouterr().out
-    for bad, message in (
-        (["--min-fraction", "0.2"], "--min-fraction applies to --select topic"),
-        (["--per-codebook", "0"], "--per-codebook must be >= 1, got 0"),
-    ):
-        assert main([*args, *bad]) == 2
-        assert message in capsys.readouterr().err
+    assert main([*args, "--min-fraction", "0.2"]) == 2
+    assert "--min-fraction applies to --select topic" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it before any work
+        main([*args, "--per-codebook", "0"])
+    assert exit_info.value.code == 2
+    assert "--per-codebook: must be an integer >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_token_positions_prefer_position_ids():

@@ -4,7 +4,9 @@
 The corpus is tokenized into one stream (:func:`tokenize_stream`), cut into blocks,
 run through the model in batches, and its codes, counts, inverted index, logit
 effects and code vectors are written into ``OUT.partial``, renamed to ``OUT`` at the
-end (:func:`build_cache`).
+end (:func:`build_cache`). One build at a time writes ``OUT.partial`` (see
+:mod:`.lock`); with ``overwrite`` the old ``OUT`` is moved aside, the new one moved in,
+and only then the old one removed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from codebook_lens.cache.lock import BuildLock
 from codebook_lens.cache.store import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -35,7 +38,9 @@ from codebook_lens.cache.store import (
     stored_ids,
 )
 from codebook_lens.core import sites as S
-from codebook_lens.core.loading import Loaded, TextCodec
+from codebook_lens.core.files import check_output_dir, save_safetensors
+from codebook_lens.core.loading import Loaded, TextCodec, check_positions
+from codebook_lens.core.model import FORMAT_NAME as MODEL_FORMAT
 from codebook_lens.data.documents import iter_documents
 from codebook_lens.data.fsm import FSM
 
@@ -63,7 +68,11 @@ class TokenStream:
 def tokenize_stream(
     texts: Iterable[str], codec: TextCodec, max_tokens: int | None = None
 ) -> TokenStream:
-    """Tokenize documents in order until ``max_tokens`` (the last one is cut there)."""
+    """Tokenize documents in order until ``max_tokens`` (the last one is cut there).
+
+    A document without tokens of its own (an empty text) is left out, EOS included: a
+    corpus of empty documents holds no text, and is refused.
+    """
     docs: list[str] = []
     ids_parts, doc_parts, start_parts, end_parts = [], [], [], []
     total = 0
@@ -71,11 +80,11 @@ def tokenize_stream(
         if max_tokens is not None and total >= max_tokens:
             break
         ids, offsets = codec.encode(text)
+        if not ids:
+            continue
         if codec.eos_id is not None:
             ids = [*ids, codec.eos_id]
             offsets = [*offsets, (len(text), len(text))]
-        if not ids:
-            continue
         if max_tokens is not None:
             ids, offsets = ids[: max_tokens - total], offsets[: max_tokens - total]
         doc_id = len(docs)
@@ -255,18 +264,75 @@ def build_cache(
 
     ``stop_after_batches`` stops early and leaves the partial build (for tests and for
     splitting a long build over sessions); the same call again resumes it.
+
+    Everything that can be checked is checked before any work: the sizes, ``seq_len``
+    against the model's positions, and ``out`` (a directory that is not a code cache is
+    never replaced, not even with ``overwrite``).
     """
     if seq_len < 1 or batch_size < 1:
         raise CacheError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
     if max_tokens is not None and max_tokens < 1:
         raise CacheError(f"max_tokens must be positive, got {max_tokens}")
+    check_positions(loaded, seq_len, f"seq_len {seq_len}")
     out = Path(out)
+    _check_target(out, overwrite)
+    partial = out.with_name(out.name + ".partial")
+    check_output_dir(partial, "build directory")
+    with BuildLock(out.with_name(out.name + ".partial.lock")):
+        _check_target(out, overwrite)  # another build may have finished meanwhile
+        if restart and partial.exists():
+            shutil.rmtree(partial)
+        return _build(
+            loaded,
+            texts,
+            out,
+            partial,
+            corpus_name,
+            max_tokens,
+            seq_len,
+            batch_size,
+            stop_after_batches,
+        )
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    check_output_dir(out, "cache directory")
     if out.exists():
         if not overwrite:
             raise CacheError(f"{out} exists; pass overwrite to replace it")
-    partial = out.with_name(out.name + ".partial")
-    if restart and partial.exists():
-        shutil.rmtree(partial)
+        if not (out / MANIFEST).is_file():
+            raise CacheError(f"{out} exists and is not a code cache; refusing to replace it")
+
+
+def _install(partial: Path, out: Path) -> None:
+    """Move the finished build in as ``out``: an old cache there is moved aside first and
+    removed only once the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(partial, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _build(
+    loaded: Loaded,
+    texts: Iterable[str],
+    out: Path,
+    partial: Path,
+    corpus_name: str,
+    max_tokens: int | None,
+    seq_len: int,
+    batch_size: int,
+    stop_after_batches: int | None,
+) -> BuildResult:
+    """The build proper, under the lock of ``partial``."""
     t_start = time.perf_counter()
     model = loaded.model
     device = next(model.parameters()).device
@@ -288,16 +354,24 @@ def build_cache(
         "token_digest": hashlib.sha256(stream.token_ids.tobytes()).hexdigest(),
         "seq_len": seq_len,
         "codebooks": [i.to_dict() for i in infos],
+        "codebook_digest": model.codebook_digests(),
     }
     plan_id = _plan_id(plan)
     done_tokens = 0
     if partial.exists():
         try:
             progress = json.loads((partial / PROGRESS).read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             progress = {}
-        if progress.get("plan_id") == plan_id:
-            done_tokens = int(progress["done_tokens"])
+        progress = progress if isinstance(progress, dict) else {}
+        done = progress.get("done_tokens")
+        if (
+            progress.get("plan_id") == plan_id
+            and isinstance(done, int)
+            and not isinstance(done, bool)
+            and 0 <= done <= total
+        ):
+            done_tokens = done
         else:
             shutil.rmtree(partial)
     resumed_from = done_tokens
@@ -400,11 +474,8 @@ def build_cache(
     vocab = loaded.codec.token_texts(list(range(known)))
     vocab += [f"<{i}>" for i in range(known, vocab_size)]
     (partial / "vocab.json").write_text(json.dumps(vocab))
-    model.save_pretrained(partial / "weights")
-    shutil.move(
-        str(partial / "weights" / "codebooks.safetensors"), partial / "codebooks.safetensors"
-    )
-    shutil.rmtree(partial / "weights")
+    vectors = {k: v.detach().contiguous().cpu() for k, v in model.codebooks.state_dict().items()}
+    save_safetensors(vectors, partial / "codebooks.safetensors", {"format": MODEL_FORMAT})
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -417,14 +488,13 @@ def build_cache(
         "num_docs": len(stream.docs),
         "seq_len": seq_len,
         "codebooks": {i.key: i.to_dict() for i in infos},
+        "codebook_digest": plan["codebook_digest"],
         "sizes": sizes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (partial / PROGRESS).unlink()
     _atomic_json(partial / MANIFEST, manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
+    _install(partial, out)
     return BuildResult(
         out,
         total,

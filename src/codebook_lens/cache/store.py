@@ -22,39 +22,52 @@ training. The build happens in ``OUT.partial`` and is renamed to ``OUT`` at the 
 so an interrupted build never leaves a half cache; rerunning the same command resumes
 from the last finished batch, and ``restart=True`` starts over.
 
-``CodeCache.open(OUT)`` reads it back without loading the code arrays into memory.
+``CodeCache.open(OUT)`` reads it back without loading the code arrays into memory. It
+checks the manifest and the array headers first (see :mod:`.manifest`); the other files
+are checked when first read. A damaged or inconsistent cache is reported as a
+:class:`CacheError` naming the file, never as another exception or a wrong answer.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
-from codebook_lens.core.errors import CodebookLensError
+from codebook_lens.cache.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    CacheError,
+    CodebookInfo,
+    cache_file,
+    check_arrays,
+    code_dtype,
+    read_manifest,
+)
 from codebook_lens.core.loading import Loaded, load_codebook_model
 from codebook_lens.core.refs import CodeRef, check_ref
 
-FORMAT_NAME = "codebook-lens-cache"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-class CacheError(CodebookLensError):
-    """A cache that cannot be built or read as asked."""
-
-
-def code_dtype(num_codes: int) -> np.dtype:
-    """The smallest unsigned integer type that holds ids ``0 .. num_codes``: the code ids,
-    and ``num_codes`` itself, which marks an empty slot (see :func:`stored_ids`)."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if num_codes <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    return np.dtype(np.uint64)
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "CacheError",
+    "CodeCache",
+    "CodebookInfo",
+    "Context",
+    "check_model_fits",
+    "code_counts",
+    "code_dtype",
+    "stored_ids",
+]
+EFFECT_NAMES = ("promoted", "suppressed", "promoted_logit", "suppressed_logit")
 
 
 def stored_ids(ids: np.ndarray, num_codes: int) -> np.ndarray:
@@ -67,22 +80,10 @@ def stored_ids(ids: np.ndarray, num_codes: int) -> np.ndarray:
 
 def code_counts(ids: np.ndarray, num_codes: int) -> np.ndarray:
     """How often each code ``0 .. num_codes - 1`` occurs in ``ids`` (any shape); empty
-    slots (id ``num_codes``, see :func:`stored_ids`) are not counted."""
-    return np.bincount(np.asarray(ids).reshape(-1), minlength=num_codes + 1)[:num_codes]
-
-
-@dataclass
-class CodebookInfo:
-    key: str
-    site: str
-    layer: int
-    groups: int
-    k: int
-    num_codes: int
-    dtype: str
-
-    def to_dict(self) -> dict:
-        return self.__dict__.copy()
+    slots (id ``num_codes``, see :func:`stored_ids`) are not counted, nor are ids past it
+    (which only a damaged cache holds)."""
+    flat = np.asarray(ids).reshape(-1)
+    return np.bincount(np.minimum(flat, num_codes), minlength=num_codes + 1)[:num_codes]
 
 
 # ----------------------------------------------------------------------------------------
@@ -112,6 +113,7 @@ class CodeCache:
         self.manifest = manifest
         self.codebooks = {k: CodebookInfo(**v) for k, v in manifest["codebooks"].items()}
         self.num_tokens = int(manifest["num_tokens"])
+        self._checked: set[str] = set()
         self.num_docs = int(manifest["num_docs"])
         self._arrays: dict[str, Any] = {}
         self._columns: dict[str, np.ndarray] = {}
@@ -121,30 +123,23 @@ class CodeCache:
 
     @classmethod
     def open(cls, path: str | Path) -> CodeCache:
+        """Open the cache in ``path`` after checking its manifest and array headers."""
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            hint = (
-                " (an unfinished build is in " + path.name + ".partial; rerun `codebook cache`)"
-                if path.with_name(path.name + ".partial").exists()
-                else ""
-            )
-            raise CacheError(f"{path} is not a code cache: {MANIFEST} is missing{hint}")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != FORMAT_NAME:
-            raise CacheError(f"{manifest_path} is not a {FORMAT_NAME} manifest")
-        if manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise CacheError(
-                f"{path} has cache format {manifest['format_version']}; "
-                f"this codebook-lens reads up to {FORMAT_VERSION}"
-            )
+        manifest, infos = read_manifest(path)
+        check_arrays(path, manifest["num_tokens"], infos)
         return cls(path, manifest)
 
     # -- raw arrays ------------------------------------------------------------------------
 
+    def _file(self, rel: str) -> Path:
+        return cache_file(self.path, rel)
+
     def _npy(self, rel: str) -> np.ndarray:
         if rel not in self._arrays:
-            self._arrays[rel] = np.load(self.path / rel, mmap_mode="r")
+            try:
+                self._arrays[rel] = np.load(self._file(rel), mmap_mode="r")
+            except (OSError, ValueError) as err:
+                raise CacheError(f"{self.path / rel} cannot be read: {err}") from None
         return self._arrays[rel]
 
     def info(self, key: str) -> CodebookInfo:
@@ -160,7 +155,15 @@ class CodeCache:
     def counts(self, key: str) -> np.ndarray:
         """(groups, C) how many tokens each code fired on."""
         self.info(key)
-        return self._npy(f"counts/{key}.npy")
+        rel = f"counts/{key}.npy"
+        counts = self._npy(rel)
+        if rel not in self._checked:
+            if counts.size and (counts.min() < 0 or counts.max() > self.num_tokens):
+                raise CacheError(
+                    f"{self.path / rel} is damaged: counts must lie in 0..{self.num_tokens}"
+                )
+            self._checked.add(rel)
+        return counts
 
     def check(self, ref: CodeRef) -> None:
         check_ref(ref, {k: (i.groups, i.num_codes) for k, i in self.codebooks.items()})
@@ -171,15 +174,66 @@ class CodeCache:
         offsets = self._npy(f"index/{ref.codebook}.offsets.npy")
         rows = self._npy(f"index/{ref.codebook}.rows.npy")
         lo, hi = int(offsets[ref.group, ref.code]), int(offsets[ref.group, ref.code + 1])
-        return np.asarray(rows[lo:hi], dtype=np.int64)
+        if not 0 <= lo <= hi <= rows.shape[0]:
+            raise CacheError(
+                f"the index of {ref.codebook} in {self.path} is damaged: code {ref} spans "
+                f"rows {lo}..{hi} of {rows.shape[0]}"
+            )
+        found = np.asarray(rows[lo:hi], dtype=np.int64)
+        if found.size and (found[-1] >= self.num_tokens or (np.diff(found) <= 0).any()):
+            raise CacheError(
+                f"the index of {ref.codebook} in {self.path} is damaged: code {ref} lists "
+                f"positions that do not rise within 0..{self.num_tokens - 1}"
+            )
+        return found
+
+    def _read_parquet(self, name: str, columns: list[str], rows: int) -> dict[str, Any]:
+        """Columns of ``name`` (a parquet file of the cache), each with ``rows`` values."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = self._file(name)
+        try:
+            table = pq.read_table(path, columns=columns)
+        except (OSError, ValueError, pa.ArrowException) as err:
+            raise CacheError(f"{path} cannot be read: {err}") from None
+        if table.num_rows != rows:
+            raise CacheError(f"{path} has {table.num_rows:,} rows; the manifest says {rows:,}")
+        return {c: table.column(c) for c in columns}
 
     def _column(self, name: str) -> np.ndarray:
         if name not in self._columns:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(self.path / "tokens.parquet", columns=[name])
-            self._columns[name] = table.column(name).to_numpy()
+            column = self._read_parquet("tokens.parquet", [name], self.num_tokens)[name]
+            values = column.to_numpy() if column.null_count == 0 else None
+            if values is None or values.dtype.kind not in "iu":
+                raise CacheError(f"{self.path / 'tokens.parquet'}: {name} must hold integers")
+            self._columns[name] = values
+        if name not in self._checked:
+            self._check_column(name, self._columns[name])
+            self._checked.add(name)
         return self._columns[name]
+
+    def _check_column(self, name: str, values: np.ndarray) -> None:
+        """The token table's values must fit the documents and the vocabulary."""
+        where = self.path / "tokens.parquet"
+        if name == "doc_id":
+            if values[0] != 0 or values[-1] != self.num_docs - 1 or (np.diff(values) < 0).any():
+                raise CacheError(
+                    f"{where}: doc_id must rise from 0 to {self.num_docs - 1} in corpus order"
+                )
+        elif name == "token_id":
+            if values.min() < 0 or values.max() >= len(self.vocab()):
+                raise CacheError(f"{where}: token_id must lie in 0..{len(self.vocab()) - 1}")
+        else:
+            starts, ends = self._columns.get("start"), self._columns.get("end")
+            if starts is None or ends is None:
+                return  # checked when the second of the two is read
+            lengths = np.array([len(d) for d in self.docs], dtype=np.int64)[self.doc_ids]
+            if (starts < 0).any() or (ends < starts).any() or (ends > lengths).any():
+                raise CacheError(
+                    f"{where}: token offsets must satisfy 0 <= start <= end <= document length"
+                )
+            self._checked.update(("start", "end"))
 
     @property
     def token_ids(self) -> np.ndarray:
@@ -191,22 +245,22 @@ class CodeCache:
 
     @property
     def starts(self) -> np.ndarray:
+        self._column("end")
         return self._column("start")
 
     @property
     def ends(self) -> np.ndarray:
+        self._column("start")
         return self._column("end")
 
     @property
     def docs(self) -> list[str]:
         if self._docs is None:
-            import pyarrow.parquet as pq
-
-            self._docs = (
-                pq.read_table(self.path / "docs.parquet", columns=["text"])
-                .column("text")
-                .to_pylist()
-            )
+            text = self._read_parquet("docs.parquet", ["text"], self.num_docs)["text"]
+            docs = text.to_pylist()
+            if not all(isinstance(d, str) for d in docs):
+                raise CacheError(f"{self.path / 'docs.parquet'}: every text must be a string")
+            self._docs = docs
         return self._docs
 
     def utf8(self) -> tuple[list[bytes], np.ndarray, np.ndarray]:
@@ -248,6 +302,8 @@ class CodeCache:
         """The text of ``window`` tokens either side of ``position`` (within its document)."""
         if not 0 <= position < self.num_tokens:
             raise CacheError(f"token position {position} is outside 0..{self.num_tokens - 1}")
+        if window < 0:
+            raise CacheError(f"the context window must be >= 0 tokens, got {window}")
         doc = int(self.doc_ids[position])
         first = self.doc_first_token()
         lo = max(int(first[doc]), position - window)
@@ -279,8 +335,10 @@ class CodeCache:
         """
         if order not in ("rank", "corpus"):
             raise CacheError(f"order must be 'rank' or 'corpus', got {order!r}")
-        if limit < 0 or offset < 0:
-            raise CacheError(f"limit and offset must be >= 0, got {limit}, {offset}")
+        if limit < 0 or offset < 0 or window < 0:
+            raise CacheError(
+                f"limit, offset and window must be >= 0, got {limit}, {offset}, {window}"
+            )
         rows = self.occurrences(ref)
         k = self.codebooks[ref.codebook].k
         if order == "rank" and k > 1 and rows.size:
@@ -302,34 +360,85 @@ class CodeCache:
 
     def code_vectors(self, key: str) -> torch.Tensor:
         """(G, C, d) code vectors of codebook ``key``."""
-        from safetensors import safe_open
-
-        self.info(key)
-        with safe_open(str(self.path / "codebooks.safetensors"), framework="pt") as fh:
-            return fh.get_tensor(f"{key}.weight")
+        info = self.info(key)
+        path = self._file("codebooks.safetensors")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                if f"{key}.weight" not in fh.keys():
+                    raise CacheError(f"{path} holds no code vectors of {key}")
+                vectors = fh.get_tensor(f"{key}.weight")
+        except (SafetensorError, OSError) as err:
+            raise CacheError(f"{path} cannot be read: {err}") from None
+        if (
+            vectors.dim() != 3
+            or tuple(vectors.shape[:2]) != (info.groups, info.num_codes)
+            or vectors.shape[2] < 1
+            or not vectors.is_floating_point()
+        ):
+            raise CacheError(
+                f"{path}: {key}.weight is a {vectors.dtype} tensor of shape "
+                f"{tuple(vectors.shape)}; the manifest needs ({info.groups}, {info.num_codes}, d)"
+            )
+        return vectors
 
     def effects(self, key: str) -> dict[str, np.ndarray]:
-        self.info(key)
+        """Each code's stored direct effect on the logits: ``promoted``/``suppressed``
+        token ids and their logits, each ``(G, C, top)``."""
+        info = self.info(key)
         rel = f"effects/{key}.npz"
         if rel not in self._arrays:
-            with np.load(self.path / rel) as data:
-                self._arrays[rel] = {name: data[name] for name in data.files}
+            path = self._file(rel)
+            try:
+                with np.load(path) as data:
+                    effects = {name: data[name] for name in EFFECT_NAMES}
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+                raise CacheError(f"{path} cannot be read: {err!r}") from None
+            shape = effects["promoted"].shape
+            fits = len(shape) == 3 and shape[:2] == (info.groups, info.num_codes) and shape[2] > 0
+            if not fits or any(a.shape != shape for a in effects.values()):
+                raise CacheError(
+                    f"{path}: every array must have shape ({info.groups}, {info.num_codes}, top)"
+                )
+            vocab = len(self.vocab())
+            for name in ("promoted", "suppressed"):
+                ids = effects[name]
+                if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= vocab:
+                    raise CacheError(f"{path}: {name} must hold token ids in 0..{vocab - 1}")
+            for name in ("promoted_logit", "suppressed_logit"):
+                if effects[name].dtype.kind != "f":
+                    raise CacheError(f"{path}: {name} must hold floats")
+            self._arrays[rel] = effects
         return self._arrays[rel]
 
     def vocab(self) -> list[str]:
         """Text of every token id of the model's vocabulary."""
         if "vocab" not in self._arrays:
-            self._arrays["vocab"] = json.loads((self.path / "vocab.json").read_text())
+            path = self._file("vocab.json")
+            try:
+                vocab = json.loads(path.read_bytes())
+            except (OSError, ValueError) as err:
+                raise CacheError(f"{path} cannot be read: {err}") from None
+            if (
+                not isinstance(vocab, list)
+                or not vocab
+                or not all(isinstance(t, str) for t in vocab)
+            ):
+                raise CacheError(f"{path} must hold a non-empty list of token texts")
+            self._arrays["vocab"] = vocab
         return self._arrays["vocab"]
 
     def model(self) -> Loaded:
         """The model this cache was built from (loaded once, on first use)."""
         if self._loaded is None:
-            self._loaded = load_codebook_model(self.manifest["model"])
+            loaded = load_codebook_model(self.manifest["model"])
+            check_model_fits(self, loaded)
+            self._loaded = loaded
         return self._loaded
 
     def set_model(self, loaded: Loaded) -> None:
-        """Use an already loaded model for queries that run the model."""
+        """Use an already loaded model for queries that run the model (after checking that
+        it is the model the cache was built with: :func:`check_model_fits`)."""
+        check_model_fits(self, loaded)
         self._loaded = loaded
 
     def summary(self) -> dict:
@@ -345,3 +454,28 @@ class CodeCache:
                 for key, info in self.codebooks.items()
             },
         }
+
+
+def check_model_fits(cache: CodeCache, loaded: Loaded) -> None:
+    """Raise a CacheError unless ``loaded`` has every codebook of the cache, with the
+    same shape and, when the cache recorded them, the same code vectors: codes read
+    from a cache mean something only for the model that wrote them."""
+    for key, info in cache.codebooks.items():
+        if key not in loaded.model.codebooks:
+            raise CacheError(f"the model has no codebook {key!r}, which the cache {cache.path} has")
+        cb = loaded.model.codebooks[key]
+        if (cb.groups, cb.num_codes) != (info.groups, info.num_codes):
+            raise CacheError(
+                f"codebook {key} has {cb.groups} group(s) of {cb.num_codes} codes in the model "
+                f"but {info.groups} of {info.num_codes} in the cache"
+            )
+    recorded = cache.manifest.get("codebook_digest")
+    if recorded is None:
+        return
+    digests = loaded.model.codebook_digests()
+    changed = sorted(key for key in cache.codebooks if digests.get(key) != recorded[key])
+    if changed:
+        raise CacheError(
+            f"the model {loaded.source} is not the one the cache {cache.path} was built with: "
+            f"the code vectors of {', '.join(changed)} differ"
+        )

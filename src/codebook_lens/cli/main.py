@@ -1,12 +1,30 @@
-"""The ``codebook`` command."""
+"""The ``codebook`` command.
+
+One error style for every command: a user's mistake (a
+:class:`~codebook_lens.core.errors.CodebookLensError`, which every error class of the
+project subclasses) is printed as one line, ``codebook: error: MESSAGE``, with exit
+status 2; a bad flag value is refused by argparse, also with status 2; anything else is
+a bug and shows its traceback. Command modules are imported lazily, so that
+``codebook --help`` does not load PyTorch.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from pathlib import Path
 
+from codebook_lens.cli.args import (
+    error,
+    finite_float,
+    nonneg_float,
+    nonneg_int,
+    open_fraction,
+    positive_int,
+    print_json,
+)
 from codebook_lens.core.errors import CodebookLensError
+from codebook_lens.core.files import check_output_dir, check_output_file
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
@@ -16,33 +34,19 @@ def _selfcheck(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from codebook_lens.training.config import ConfigError, load_train_config
-    from codebook_lens.training.loop import TrainError, train
+    from codebook_lens.training.config import load_train_config
+    from codebook_lens.training.loop import train
 
-    try:
-        cfg = load_train_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"codebook train: {err}", file=sys.stderr)
-        return 2
-    try:
-        result = train(cfg, resume=args.resume)
-    except TrainError as err:
-        print(f"codebook train: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2))
+    cfg = load_train_config(args.config, args.overrides)
+    print_json(train(cfg, resume=args.resume))
     return 0
 
 
 def _fsm(args: argparse.Namespace) -> int:
     from codebook_lens.experiments.tokfsm.run import load_fsm_config, run
-    from codebook_lens.training.config import ConfigError
 
-    try:
-        cfg = load_fsm_config(args.preset, args.overrides)
-    except (ConfigError, ValueError) as err:
-        print(f"codebook fsm: {err}", file=sys.stderr)
-        return 2
-    out = args.out or f"runs/tokfsm-{args.preset}"
+    cfg = load_fsm_config(args.preset, args.overrides)
+    out = check_output_dir(args.out or f"runs/tokfsm-{args.preset}", "--out directory")
     metrics = run(cfg, out)
     _print_fsm_summary(metrics, out)
     return 0
@@ -52,6 +56,7 @@ def _demo(args: argparse.Namespace) -> int:
     from codebook_lens.experiments.tokfsm.run import load_fsm_config, run
 
     cfg = load_fsm_config("demo", args.overrides)
+    check_output_dir(args.out, "--out directory")
     print(
         "codebook demo: the TokFSM experiment on a short budget. It trains a 4-layer GPT-NeoX "
         "on walks of a 100-state machine, then a copy with a codebook on every attention head "
@@ -63,9 +68,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_fsm_summary(m: dict, out: str) -> None:
-    from pathlib import Path
-
+def _print_fsm_summary(m: dict, out: str | Path) -> None:
     def pct(key: str) -> str:
         return f"{100 * m[key]:6.2f}%"
 
@@ -131,14 +134,14 @@ def _intervention_from(args: argparse.Namespace, codes: list):
 def _steer(args: argparse.Namespace) -> int:
     from codebook_lens.core.loading import load_codebook_model
     from codebook_lens.steering.intervene import check_intervention
-    from codebook_lens.steering.sampling import generate
+    from codebook_lens.steering.sampling import check_lengths, generate
 
     if not args.code and not args.disable:
-        print("codebook steer: give at least one --code or --disable", file=sys.stderr)
-        return 2
+        raise CodebookLensError("steer needs at least one --code or --disable")
     intervention = _intervention_from(args, args.code or [])
     loaded = load_codebook_model(args.model_dir)
     check_intervention(loaded.model, intervention)
+    check_lengths(loaded.model, loaded.codec, [args.prompt], args.max_new_tokens)
     options = dict(
         samples=args.samples,
         max_new_tokens=args.max_new_tokens,
@@ -149,7 +152,7 @@ def _steer(args: argparse.Namespace) -> int:
     steered = generate(loaded, args.prompt, intervention=intervention, **options)[0]
     if args.json:
         report = {"prompt": args.prompt, **intervention.describe(), **options}
-        print(json.dumps({**report, "baseline": baseline, "steered": steered}, indent=2))
+        print_json({**report, "baseline": baseline, "steered": steered})
         return 0
     described = intervention.describe()
     print(f"prompt: {args.prompt!r}")
@@ -164,26 +167,20 @@ def _steer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _codes_from_cache(args: argparse.Namespace, words: list[str]) -> tuple[list, list] | int:
-    """steer-eval --cache: the topic's codes and what made each one chosen (or an exit
-    status after a message)."""
+def _check_cache_options(args: argparse.Namespace) -> None:
+    """steer-eval's --cache options, before any work."""
     topic = args.select == "topic"
     if topic and not args.topic_text:
-        print("codebook steer-eval: --cache needs --topic-text", file=sys.stderr)
-        return 2
-    for flag, value in (("--per-codebook", args.per_codebook), ("--max-codes", args.max_codes)):
-        if value is not None and value < 1:
-            print(f"codebook steer-eval: {flag} must be >= 1, got {value}", file=sys.stderr)
-            return 2
+        raise CodebookLensError("steer-eval --cache needs --topic-text with --select topic")
     if not topic and args.min_fraction is not None:
-        print("codebook steer-eval: --min-fraction applies to --select topic", file=sys.stderr)
-        return 2
-    try:
-        from codebook_lens.analysis.search import effect_codes, per_codebook, topic_codes
-        from codebook_lens.cache.store import CodeCache
-    except ImportError as err:
-        print(f"codebook steer-eval: --cache is unavailable here ({err})", file=sys.stderr)
-        return 2
+        raise CodebookLensError("steer-eval --min-fraction applies to --select topic only")
+
+
+def _codes_from_cache(args: argparse.Namespace, cache, words: list[str]) -> tuple[list, list]:
+    """steer-eval --cache: the topic's codes and what made each one chosen."""
+    from codebook_lens.analysis.search import effect_codes, per_codebook, topic_codes
+
+    topic = args.select == "topic"
     limits = {
         name: value
         for name, value in (
@@ -192,7 +189,6 @@ def _codes_from_cache(args: argparse.Namespace, words: list[str]) -> tuple[list,
         )
         if value is not None
     }
-    cache = CodeCache.open(args.cache)
     if topic:
         hits = list(topic_codes(cache, args.topic_text, **limits, limit=None))
     else:
@@ -203,10 +199,7 @@ def _codes_from_cache(args: argparse.Namespace, words: list[str]) -> tuple[list,
         hits = hits[: args.max_codes]
     if not hits:
         hint = "lower --min-fraction or raise --max-frequency" if topic else "raise --max-frequency"
-        print(
-            f"codebook steer-eval: no code in {args.cache} fits the topic; {hint}", file=sys.stderr
-        )
-        return 2
+        raise CodebookLensError(f"no code in {args.cache} fits the topic; {hint}")
     selected = []
     for hit in hits:
         row = {"code": str(hit.ref), "frequency": hit.frequency}
@@ -216,16 +209,14 @@ def _codes_from_cache(args: argparse.Namespace, words: list[str]) -> tuple[list,
 
 
 def _steer_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from codebook_lens.cache.store import CodeCache
     from codebook_lens.core.loading import load_codebook_model
     from codebook_lens.steering.intervene import check_intervention
-    from codebook_lens.steering.sampling import steering_eval
+    from codebook_lens.steering.sampling import check_lengths, steering_eval
 
     words = [w.strip() for w in args.words.split(",") if w.strip()]
     if not words:
-        print(f"codebook steer-eval: --words names no word: {args.words!r}", file=sys.stderr)
-        return 2
+        raise CodebookLensError(f"steer-eval --words names no word: {args.words!r}")
     prompts = list(args.prompt or [])
     if args.prompts_file:
         path = Path(args.prompts_file)
@@ -233,18 +224,22 @@ def _steer_eval(args: argparse.Namespace) -> int:
             raise CodebookLensError(f"no prompts file at {path}")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
-        print("codebook steer-eval: give prompts with --prompt or --prompts-file", file=sys.stderr)
-        return 2
-    selected = []
+        raise CodebookLensError("steer-eval needs prompts: give --prompt or --prompts-file")
+    if args.out:
+        check_output_file(args.out, "--out file")
+    cache = None
     if args.cache:
-        picked = _codes_from_cache(args, words)
-        if isinstance(picked, int):
-            return picked
-        codes, selected = picked
+        _check_cache_options(args)
+        cache = CodeCache.open(args.cache)
+    loaded = load_codebook_model(args.model_dir)
+    check_lengths(loaded.model, loaded.codec, prompts, args.max_new_tokens)
+    selected = []
+    if cache is not None:
+        cache.set_model(loaded)  # refuses a model other than the cache's own
+        codes, selected = _codes_from_cache(args, cache, words)
     else:
         codes = args.code
     intervention = _intervention_from(args, codes)
-    loaded = load_codebook_model(args.model_dir)
     check_intervention(loaded.model, intervention)
     result = steering_eval(
         loaded,
@@ -265,7 +260,7 @@ def _steer_eval(args: argparse.Namespace) -> int:
     out = str(result.save(args.out)) if args.out else None
     summary = {**result.summary(), "selected": selected, "out": out}
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print_json(summary)
         return 0
     for hit in selected:
         why = (
@@ -295,22 +290,24 @@ def _add_intervention_options(p: argparse.ArgumentParser, samples: int) -> None:
     p.add_argument("--mode", choices=MODES, default="replace_last", help="how forced codes enter")
     p.add_argument(
         "--strength",
-        type=float,
+        type=finite_float,
         default=1.0,
         metavar="S",
         help="factor of each forced code in the sum (default 1: the code as it is)",
     )
     p.add_argument(
         "--from-position",
-        type=int,
+        type=nonneg_int,
         default=None,
         metavar="N",
         help="intervene from token position N on (default: every position, prompt included)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
-    p.add_argument("--samples", type=int, default=samples, metavar="N", help="samples per prompt")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 decodes greedily")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N")
+    p.add_argument(
+        "--samples", type=positive_int, default=samples, metavar="N", help="samples per prompt"
+    )
+    p.add_argument("--temperature", type=nonneg_float, default=1.0, help="0 decodes greedily")
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -374,39 +371,57 @@ def build_parser() -> argparse.ArgumentParser:
         "whose direct logit effect promotes the --words (effect)",
     )
     p.add_argument("--topic-text", help="with --cache --select topic: text about the topic")
-    p.add_argument("--max-codes", type=int, default=3, metavar="N", help="with --cache (default 3)")
+    p.add_argument(
+        "--max-codes", type=positive_int, default=3, metavar="N", help="with --cache (default 3)"
+    )
     p.add_argument(
         "--per-codebook",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="with --cache, instead of --max-codes: the best N codes of every codebook",
     )
-    p.add_argument("--min-fraction", type=float, default=None, help="with --select topic")
-    p.add_argument("--max-frequency", type=float, default=None, help="with --cache")
+    p.add_argument("--min-fraction", type=open_fraction, default=None, help="with --select topic")
+    p.add_argument("--max-frequency", type=open_fraction, default=None, help="with --cache")
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="FILE", help="prompts, one per line")
     p.add_argument("--out", metavar="FILE.json", help="save every sample here")
     _add_intervention_options(p, samples=10)
     p.set_defaults(func=_steer_eval)
-    from codebook_lens.cli.cache import add_parsers
+    from codebook_lens.cli.cache import add_parser as add_cache_parser
+    from codebook_lens.cli.query import add_parsers as add_query_parsers
     from codebook_lens.cli.serve import add_parser as add_serve_parser
 
-    add_parsers(sub)
+    add_cache_parser(sub)
+    add_query_parsers(sub)
     add_serve_parser(sub)
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; ``key=value`` overrides may also follow the flags
+    (``codebook train CFG --resume key=value``), where argparse alone stops at them."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in item and not item.startswith("-") for item in extra
+        ):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"codebook: error: {err}", file=sys.stderr)
+    except CodebookLensError as err:
+        error(str(err))
         return 2
 
 

@@ -5,30 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+from codebook_lens.cli.args import port, positive_float
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
+    import uvicorn
 
-        from codebook_lens.web import create_app
-    except ImportError as err:
-        print(
-            f"codebook serve: the code browser needs fastapi, uvicorn and jinja2 ({err})",
-            file=sys.stderr,
-        )
-        return 2
-    if args.port < 0 or args.port > 65535:
-        print(f"codebook serve: --port must be in 0..65535, got {args.port}", file=sys.stderr)
-        return 2
-    if args.regex_budget <= 0:
-        print(
-            f"codebook serve: --regex-budget must be positive, got {args.regex_budget}",
-            file=sys.stderr,
-        )
-        return 2
-    app = create_app(args.cache_dir, args.model, regex_time_budget=args.regex_budget, warm=True)
+    from codebook_lens.web.app import LOCAL_HOSTS, create_app
+
+    app = create_app(
+        args.cache_dir,
+        args.model,
+        regex_time_budget=args.regex_budget,
+        warm=True,
+        bind_host=args.host,
+    )
     if args.host not in LOCAL_HOSTS:
         print(
             f"codebook serve: listening on {args.host}, reachable from other machines; "
@@ -48,14 +39,20 @@ def add_parser(sub) -> None:
         "--model",
         metavar="MODEL_DIR",
         default=None,
-        help="a saved codebook model with the cache's codebooks: enables steering and is "
-        "used for topic search (default: the model the cache was built from, for topic search)",
+        help="the saved codebook model the cache was built with (its code vectors are checked): "
+        "enables steering and is used for topic search (default: the model the cache was built "
+        "from, for topic search)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; on a loopback address only requests for "
+        "localhost names are answered)",
+    )
+    p.add_argument("--port", type=port, default=8000, help="port (default 8000)")
     p.add_argument(
         "--regex-budget",
-        type=float,
+        type=positive_float,
         default=5.0,
         metavar="SECONDS",
         help="time one regex search may take (default 5)",

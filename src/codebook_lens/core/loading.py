@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from codebook_lens.core.errors import CodebookLensError, ModelLoadError
-from codebook_lens.core.model import BASE_DIR, CodebookModel, read_config
+from codebook_lens.core.model import BASE_DIR, CodebookModel, load_base_weights, read_config
 
 
 class TextCodec:
@@ -104,6 +104,30 @@ class Loaded:
     task: dict[str, str] = field(default_factory=dict)  # e.g. {"fsm": "/abs/RUN/fsm.json"}
 
 
+def context_length(model: Loaded | CodebookModel) -> int | None:
+    """The longest sequence the model's positions allow, when its config says.
+
+    Rotary models state one too (``max_position_embeddings``): past it they run, slower
+    and slower, on positions they were never trained on, so it is a limit here as well.
+    """
+    cbm = model.model if isinstance(model, Loaded) else model
+    config = cbm.model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_positions(model: Loaded | CodebookModel, tokens: int, what: str) -> None:
+    """Raise a CodebookLensError when a sequence of ``tokens`` tokens (``what`` says where
+    it comes from, e.g. ``seq_len 1000``) does not fit the model's positions."""
+    length = context_length(model)
+    if length is not None and tokens > length:
+        name = f"the model {model.source}" if isinstance(model, Loaded) else "the model"
+        raise CodebookLensError(f"{what} needs {tokens} positions; {name} has {length}")
+
+
 def load_source(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """How to load a saved model: its base, its codec and its task, as recorded in its JSON.
 
@@ -113,13 +137,21 @@ def load_source(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
     names to files relative to the model directory. Models saved before ``source`` was
     recorded load their included base, or the base they name.
     """
-    source = dict(meta.get("source") or {})
+    source = meta.get("source") or {}
+    if not isinstance(source, dict):
+        raise ModelLoadError(f"{directory} records a source that is not a mapping: {source!r}")
+    source = dict(source)
     if "base" not in source:
         source["base"] = (
             BASE_DIR if meta.get("base_included") else meta.get("base_name_or_path", "")
         )
     source.setdefault("codec", {"kind": "tokenizer"})
     source.setdefault("task", {})
+    task = source["task"]
+    if not isinstance(source["base"], str) or not (
+        isinstance(task, dict) and all(isinstance(v, str) for v in task.values())
+    ):
+        raise ModelLoadError(f"{directory} records a damaged source: {source!r}")
     return source
 
 
@@ -141,25 +173,31 @@ def load_codebook_model(model_dir: str | Path, dtype: torch.dtype | None = None)
     Everything needed is read from the model's own ``codebook_config.json`` (see
     :func:`load_source`); nothing is guessed from paths or names.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     directory = Path(model_dir)
     meta = read_config(directory)  # clear error when this is not a saved codebook model
     source = load_source(directory, meta)
     kwargs = {} if dtype is None else {"dtype": dtype}
     base_dir = _resolve_base(directory, source["base"])
-    try:
-        base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(
-            f"cannot load the base model {base_dir} of {directory}: {err}"
-        ) from None
+    base = load_base_weights(base_dir, directory, **kwargs)
     model = CodebookModel.from_pretrained(directory, base_model=base).eval()
     task = {name: str((directory / rel).resolve()) for name, rel in source["task"].items()}
     codec = source["codec"]
+    if not isinstance(codec, dict):
+        raise ModelLoadError(f"{directory} records a codec that is not a mapping: {codec!r}")
     if codec.get("kind") == "digits":
-        return Loaded(model, DigitCodec(int(codec["base"])), str(directory), "tokfsm", task=task)
+        digits = codec.get("base")
+        if not isinstance(digits, int) or isinstance(digits, bool):
+            raise ModelLoadError(f"{directory} records a digit codec without a base: {codec!r}")
+        return Loaded(model, DigitCodec(digits), str(directory), "tokfsm", task=task)
     if codec.get("kind") != "tokenizer":
         raise ModelLoadError(f"{directory} records an unknown codec {codec!r}")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    except (OSError, ValueError, TypeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"cannot load the tokenizer of {directory} ({base_dir}): {reason}"
+        ) from None
     return Loaded(model, HFCodec(tokenizer), str(directory), "hf", tokenizer, task=task)

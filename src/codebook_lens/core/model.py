@@ -11,6 +11,7 @@ model = CodebookModel.from_pretrained("run/", base_model=base)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from codebook_lens.core import sites as S
 from codebook_lens.core.codebook import Codebook, CodebookConfig
 from codebook_lens.core.errors import CodebookLensError, ModelLoadError
+from codebook_lens.core.files import make_readable, save_safetensors
 
 FORMAT_NAME = "codebook-lens"
 FORMAT_VERSION = 1
@@ -61,6 +64,8 @@ class SiteSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> SiteSpec:
+        if not isinstance(data, dict):
+            raise CodebookLensError(f"a codebook site must be a mapping, got {data!r}")
         unknown = sorted(set(data) - {"site", "layers", "codebook"})
         if unknown:
             raise CodebookLensError(
@@ -86,7 +91,10 @@ class CodebookModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> CodebookModelConfig:
-        return cls(sites=[SiteSpec.from_dict(s) for s in data["sites"]])
+        sites = data.get("sites") if isinstance(data, dict) else None
+        if not isinstance(sites, list):
+            raise CodebookLensError(f"a codebook model config needs a list of sites, got {sites!r}")
+        return cls(sites=[SiteSpec.from_dict(s) for s in sites])
 
 
 @dataclass
@@ -221,6 +229,18 @@ class CodebookModel(nn.Module):
         for cb in self.codebooks.values():
             cb.track_usage(enabled)
 
+    def codebook_digests(self) -> dict[str, str]:
+        """A SHA-256 digest of every codebook's code vectors (as float32, with their shape):
+        equal digests mean the same codes, so that a code cache can tell whether a model
+        is the one it was built with."""
+        digests = {}
+        for key, cb in self.codebooks.items():
+            weight = cb.weight.detach().to("cpu", torch.float32).contiguous()
+            h = hashlib.sha256(repr(tuple(weight.shape)).encode())
+            h.update(weight.numpy().tobytes())
+            digests[key] = h.hexdigest()
+        return digests
+
     def codebook(self, site: str, layer: int) -> Codebook:
         key = site_key(site, layer)
         if key not in self.codebooks:
@@ -244,9 +264,11 @@ class CodebookModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.codebooks.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+        save_safetensors(tensors, directory / WEIGHTS_FILE, metadata={"format": FORMAT_NAME})
         if include_base:
             self.model.save_pretrained(str(directory / BASE_DIR), safe_serialization=True)
+            for written in (directory / BASE_DIR).glob("*.safetensors"):
+                make_readable(written)
         meta = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -275,9 +297,7 @@ class CodebookModel(nn.Module):
                     f"{directory} holds codebooks only; pass base_model= (a {meta['model_type']} "
                     f"model, saved from {meta.get('base_name_or_path') or 'an unnamed model'})"
                 )
-            from transformers import AutoModelForCausalLM
-
-            base_model = AutoModelForCausalLM.from_pretrained(str(directory / BASE_DIR))
+            base_model = load_base_weights(directory / BASE_DIR, directory)
         model_type = getattr(getattr(base_model, "config", None), "model_type", None)
         if model_type != meta["model_type"]:
             raise CodebookLensError(
@@ -294,7 +314,11 @@ class CodebookModel(nn.Module):
                 raise CodebookLensError(
                     f"the codebooks in {directory} need {name}={meta[name]}, the base model has {have}"
                 )
-        model = cls(base_model, CodebookModelConfig.from_dict(meta))
+        try:
+            config = CodebookModelConfig.from_dict(meta)
+        except (TypeError, KeyError, AttributeError) as err:
+            raise ModelLoadError(f"{directory / CONFIG_FILE} is damaged: {err!r}") from None
+        model = cls(base_model, config)
         model.load_codebooks(directory / WEIGHTS_FILE)
         return model
 
@@ -303,7 +327,10 @@ class CodebookModel(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise ModelLoadError(f"no codebook weights at {path}")
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ModelLoadError(f"{path} is damaged and cannot be read ({err})") from None
         expected = self.codebooks.state_dict()
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -336,6 +363,24 @@ def _source(base: nn.Module, include_base: bool, given: dict | None) -> dict:
     return source
 
 
+def load_base_weights(base_dir: str | Path, directory: Path, **kwargs) -> nn.Module:
+    """The transformers model in ``base_dir`` (the base of the codebook model in
+    ``directory``), or a ModelLoadError when its files are missing or damaged."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
+    except (OSError, ValueError, SafetensorError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"cannot load the base model {base_dir} of {directory}: {reason}"
+        ) from None
+
+
+# the keys a saved model's config must hold, and their types
+_REQUIRED = {"model_type": str, "num_layers": int, "hidden_size": int, "sites": list}
+
+
 def read_config(directory: Path) -> dict:
     """The JSON config of a saved codebook model, validated."""
     path = directory / CONFIG_FILE
@@ -343,14 +388,24 @@ def read_config(directory: Path) -> dict:
         raise ModelLoadError(f"{directory} is not a saved codebook model: {CONFIG_FILE} is missing")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CodebookLensError(f"{path} is not valid JSON: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT_NAME:
         raise CodebookLensError(
             f"{path} is not a {FORMAT_NAME} config (format={meta.get('format')!r})"
         )
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelLoadError(f"{path} has a format_version that is not an integer: {version!r}")
+    if version > FORMAT_VERSION:
         raise CodebookLensError(
             f"{path} has format version {meta['format_version']}; this codebook-lens reads up to {FORMAT_VERSION}"
         )
+    for key, kind in _REQUIRED.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise ModelLoadError(
+                f"{path} is damaged: {key!r} must be a {kind.__name__}, got {meta.get(key)!r}"
+            )
     return meta

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 
 from codebook_lens.core.errors import CodebookLensError
 
-_PATTERN = re.compile(r"^(layer\d+_[a-z_]+)(?:/(\d+))?:(\d+)$")
+_CODEBOOK = r"layer\d+_[a-z_]+"
+_PATTERN = re.compile(rf"^({_CODEBOOK})(?:/(\d+))?:(\d+)$")
+_CODEBOOK_NAME = re.compile(_CODEBOOK, re.ASCII)
+
+
+def is_codebook_name(name: object) -> bool:
+    """Whether ``name`` has the shape of a codebook key (``layer12_mlp``,
+    ``layer2_attn_heads``): a key that can also be used as a file name, with no path
+    separator, dot or other character outside ``[a-z0-9_]``."""
+    return isinstance(name, str) and _CODEBOOK_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True, order=True)

@@ -70,9 +70,12 @@ def iter_documents(
                 for i, line in enumerate(fh):
                     if not line.strip():
                         continue
-                    record = json.loads(line)
-                    if text_field not in record:
-                        raise DataError(f"{file}:{i + 1} has no field {text_field!r}")
+                    try:
+                        record = json.loads(line)
+                    except ValueError as err:
+                        raise DataError(f"{file}:{i + 1} is not a JSON line: {err}") from None
+                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                        raise DataError(f"{file}:{i + 1} has no text field {text_field!r}")
                     if _in_eval(f"{file.name}:{i}", eval_fraction) == (split == "eval"):
                         yield record[text_field]
         elif _in_eval(file.name, eval_fraction) == (split == "eval"):

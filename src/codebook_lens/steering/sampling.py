@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from codebook_lens.core.errors import CodebookLensError
-from codebook_lens.core.loading import HFCodec, Loaded, TextCodec
+from codebook_lens.core.files import check_output_file
+from codebook_lens.core.loading import HFCodec, Loaded, TextCodec, check_positions
 from codebook_lens.core.model import CodebookModel
 from codebook_lens.core.refs import CodeRef
 from codebook_lens.steering.intervene import Intervention, Positions, apply_intervention
@@ -75,16 +76,34 @@ class Sampling:
             raise CodebookLensError(f"top_k must be a non-negative integer, got {self.top_k!r}")
 
 
-def _sample(
-    model: CodebookModel, codec: TextCodec, prompt: str, samples: int, sampling: Sampling, seed: int
-) -> list[str]:
-    """``samples`` continuations of one prompt, sampled in one batch with ``seed``."""
+def _prompt_ids(codec: TextCodec, prompt: str) -> list[int]:
+    """The prompt's token ids; an empty prompt starts from BOS (or EOS)."""
     ids, _ = codec.encode(prompt)
     if not ids:
         start = codec.bos_id if codec.bos_id is not None else codec.eos_id
         if start is None:
             raise CodebookLensError("the prompt is empty and the tokenizer has no BOS or EOS token")
         ids = [start]
+    return ids
+
+
+def check_lengths(
+    model: CodebookModel, codec: TextCodec, prompts: Sequence[str], max_new_tokens: int
+) -> None:
+    """Raise a CodebookLensError before any sampling when a prompt plus ``max_new_tokens``
+    does not fit the model's positions."""
+    for prompt in prompts:
+        n = len(_prompt_ids(codec, prompt))
+        check_positions(
+            model, n + max_new_tokens, f"a prompt of {n} tokens plus {max_new_tokens} new tokens"
+        )
+
+
+def _sample(
+    model: CodebookModel, codec: TextCodec, prompt: str, samples: int, sampling: Sampling, seed: int
+) -> list[str]:
+    """``samples`` continuations of one prompt, sampled in one batch with ``seed``."""
+    ids = _prompt_ids(codec, prompt)
     device = next(model.parameters()).device
     inputs = torch.tensor([ids] * samples, device=device)
     options: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens}
@@ -145,6 +164,7 @@ def generate(
     if not isinstance(samples, int) or samples < 1:
         raise CodebookLensError(f"samples must be a positive integer, got {samples!r}")
     sampling = Sampling(max_new_tokens, temperature, top_p, top_k)
+    check_lengths(cbm, text_codec, prompts, max_new_tokens)
     context = (
         apply_intervention(cbm, intervention)
         if intervention is not None
@@ -257,7 +277,7 @@ class SteeringResult:
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_json` to ``path`` (parent directories are created)."""
-        path = Path(path)
+        path = check_output_file(path, "samples file")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False))
         return path
@@ -306,6 +326,7 @@ def steering_eval(
     topic_pattern(words)  # a clear error for an empty topic, before any sampling
     intervention = Intervention(codes, disable, mode, positions, strength)
     sampling = Sampling(max_new_tokens, temperature, top_p, top_k)
+    check_lengths(cbm, text_codec, prompts, max_new_tokens)
     baseline, steered = [], []
     for i, prompt in enumerate(tqdm(prompts, desc="steering", unit="prompt", disable=not progress)):
         prompt_seed = _prompt_seed(seed, i)

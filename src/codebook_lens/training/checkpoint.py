@@ -4,20 +4,77 @@ A checkpoint is a directory ``step-NNNNNNN`` holding safetensors files (weights,
 optimizer tensors, RNG states) and JSON (step, which fixes the data position, optimizer scalars,
 scheduler state). It is written under a temporary name and renamed into place, so
 a crash never leaves a half-written checkpoint under the final name.
+
+Each checkpoint records the run that wrote it: the run's config without the keys that
+may change when a run is resumed (:data:`RESUMABLE`), and a digest of it
+(:func:`run_record`). A run resumes only from its own checkpoints, prunes only its own,
+and skips a damaged checkpoint for the newest complete one before it
+(:func:`newest_readable`).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from codebook_lens.core.errors import CodebookLensError
+from codebook_lens.core.files import save_safetensors
 
 PREFIX = "step-"
+# config keys a resumed run may change: where it lives, how long it runs, how often it
+# logs, evaluates and checkpoints; every other key shapes the run and must stay
+RESUMABLE = ("output_dir", "schedule.max_steps", "logging", "eval", "checkpoint")
+
+
+class CheckpointError(CodebookLensError):
+    """A checkpoint that cannot be read, or that another run wrote."""
+
+
+class OtherRunError(CheckpointError):
+    """A checkpoint written by a run with other settings."""
+
+
+def run_record(config: dict) -> dict:
+    """``{"fingerprint": sha256, "config": ...}`` of a run's config (plain data) without
+    the :data:`RESUMABLE` keys."""
+    kept = copy.deepcopy(config)
+    for key in RESUMABLE:
+        *parents, last = key.split(".")
+        node = kept
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    text = json.dumps(kept, sort_keys=True)
+    return {"fingerprint": hashlib.sha256(text.encode()).hexdigest(), "config": kept}
+
+
+def differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two plain configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{where}.{key}" if where else str(key)
+            out += differences(old.get(key), new.get(key), path)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [
+            d
+            for i, (a, b) in enumerate(zip(old, new, strict=True))
+            for d in differences(a, b, f"{where}[{i}]")
+        ]
+    return [] if old == new else [f"{where or 'config'}: {old!r} -> {new!r}"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -77,24 +134,27 @@ def write_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler,
     keep: int,
+    run: dict | None = None,
 ) -> Path:
-    """Write ``root/step-NNNNNNN`` atomically and prune to the ``keep`` newest."""
+    """Write ``root/step-NNNNNNN`` atomically and prune this run's checkpoints (those
+    with ``run``'s fingerprint) to the ``keep`` newest; another run's are left alone."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
     tmp = root / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(
+    save_safetensors(
         {k: v.detach().contiguous().cpu() for k, v in weights.items()},
-        str(tmp / "weights.safetensors"),
+        tmp / "weights.safetensors",
     )
     opt_tensors, opt_meta = optimizer_to_files(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
     rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    save_safetensors(rng_tensors, tmp / "rng.safetensors")
     meta = {
         "step": step,
+        "run": run,
         "optimizer": opt_meta,
         "scheduler": scheduler.state_dict(),
         "rng": rng_meta,
@@ -107,9 +167,30 @@ def write_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+    fingerprint = (run or {}).get("fingerprint")
+    own = [p for p in list_checkpoints(root) if _fingerprint(p) == fingerprint]
+    for old in own[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _meta(path: Path) -> dict:
+    """The checkpoint.json of a checkpoint, or a CheckpointError when it is damaged."""
+    try:
+        meta = json.loads((path / "checkpoint.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}/checkpoint.json cannot be read: {err}") from None
+    if not isinstance(meta, dict) or meta.get("step") != int(path.name[len(PREFIX) :]):
+        raise CheckpointError(f"{path}/checkpoint.json does not describe step {path.name}")
+    return meta
+
+
+def _fingerprint(path: Path) -> str | None:
+    try:
+        run = _meta(path).get("run")
+    except CheckpointError:
+        return None
+    return run.get("fingerprint") if isinstance(run, dict) else None
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -119,19 +200,63 @@ def list_checkpoints(root: Path) -> list[Path]:
     found = [
         p
         for p in root.iterdir()
-        if p.is_dir() and p.name.startswith(PREFIX) and (p / "checkpoint.json").is_file()
+        if p.is_dir()
+        and p.name.startswith(PREFIX)
+        and _step(p) is not None
+        and (p / "checkpoint.json").is_file()
     ]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def _step(path: Path) -> int | None:
+    digits = path.name[len(PREFIX) :]
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 def read_checkpoint(
     path: Path,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """(weights, optimizer tensors, rng tensors, meta) of one checkpoint."""
-    meta = json.loads((path / "checkpoint.json").read_text())
-    return (
-        load_file(str(path / "weights.safetensors")),
-        load_file(str(path / "optimizer.safetensors")),
-        load_file(str(path / "rng.safetensors")),
-        meta,
+    """(weights, optimizer tensors, rng tensors, meta) of one checkpoint, or a
+    CheckpointError when any of its files is damaged."""
+    meta = _meta(path)
+    for key in ("optimizer", "scheduler", "rng"):
+        if not isinstance(meta.get(key), dict):
+            raise CheckpointError(f"{path}/checkpoint.json has no {key} state")
+    tensors = []
+    for name in ("weights", "optimizer", "rng"):
+        try:
+            tensors.append(load_file(str(path / f"{name}.safetensors")))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}/{name}.safetensors cannot be read: {err}") from None
+    if "torch" not in tensors[2]:
+        raise CheckpointError(f"{path}/rng.safetensors holds no random state")
+    return tensors[0], tensors[1], tensors[2], meta
+
+
+def check_run(path: Path, run: dict) -> None:
+    """Raise a CheckpointError naming the settings that differ when the checkpoint in
+    ``path`` was written by a run other than ``run`` (see :func:`run_record`).
+    Checkpoints written before runs were recorded pass."""
+    theirs = _meta(path).get("run")
+    if not isinstance(theirs, dict) or theirs.get("fingerprint") == run["fingerprint"]:
+        return
+    changed = differences(theirs.get("config"), run["config"])
+    raise OtherRunError(
+        f"{path} was written by a run with other settings ({'; '.join(changed[:5]) or 'unknown'}); "
+        "resume with the settings it was written with, or train into another output_dir"
     )
+
+
+def newest_readable(
+    checkpoints: list[Path], log: Callable[[str], None]
+) -> tuple[Path, tuple[dict, dict, dict, dict]]:
+    """The newest of ``checkpoints`` (oldest first) whose files all read, and its
+    contents; a damaged one is reported through ``log`` and the one before it tried."""
+    problems = []
+    for path in reversed(checkpoints):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            log(f"skipping a damaged checkpoint: {err}")
+    raise CheckpointError("no checkpoint could be read: " + "; ".join(problems))

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from codebook_lens.core import sites as S
 from codebook_lens.core.errors import CodebookLensError
+from codebook_lens.core.files import check_output_dir
 from codebook_lens.core.model import CodebookModel, CodebookModelConfig
 from codebook_lens.data.assets import smollm2_dir
 from codebook_lens.data.documents import Blocks, DataError, iter_documents, tokenize_documents
@@ -270,7 +271,14 @@ def train(
     step's checkpoint, as an interruption would (used to test resuming). ``source``
     is the saved model's loading record (see ``CodebookModel.save_pretrained``); by
     default a frozen base is recorded by its resolved local path.
+
+    A run never mixes with another: a fresh run refuses an ``output_dir`` that holds
+    checkpoints, and ``resume`` refuses checkpoints written with other settings (see
+    :func:`codebook_lens.training.checkpoint.check_run`) or past ``max_steps``, and
+    falls back from a damaged newest checkpoint to the newest complete one. All of this
+    is checked before the base model loads.
     """
+    check_output_dir(cfg.output_dir, "output_dir")
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
@@ -285,6 +293,7 @@ def train(
     )
     world, main = accelerator.num_processes, accelerator.is_main_process
     ckpt_root = Path(cfg.output_dir) / "checkpoints"
+    existing = _resumable(ckpt_root, ckpt.run_record(to_dict(cfg)), resume, cfg.schedule.max_steps)
     set_seed(cfg.schedule.seed)
 
     source = dict(source or {})
@@ -308,7 +317,6 @@ def train(
             f"batch ({cfg.schedule.batch_size} x {world} process(es))"
         )
 
-    existing = ckpt.list_checkpoints(ckpt_root)
     start_step = 0
     if cfg.codebooks.kmeans_init and model.codebooks and not (resume and existing):
         kmeans_init(
@@ -322,18 +330,26 @@ def train(
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     if resume and existing:
-        weights, opt_tensors, rng_tensors, meta = ckpt.read_checkpoint(existing[-1])
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected:
-            raise TrainError(
-                f"checkpoint {existing[-1]} does not fit this model: unexpected {unexpected[:5]}"
-            )
-        ckpt.optimizer_from_files(optimizer, opt_tensors, meta["optimizer"])
-        scheduler.load_state_dict(meta["scheduler"])
-        ckpt.set_rng_state(rng_tensors, meta["rng"])
+        path, (weights, opt_tensors, rng_tensors, meta) = ckpt.newest_readable(
+            existing, print if main else lambda _: None
+        )
+        try:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            if unexpected:
+                raise TrainError(
+                    f"checkpoint {path} does not fit this model: unexpected {unexpected[:5]}"
+                )
+            ckpt.optimizer_from_files(optimizer, opt_tensors, meta["optimizer"])
+            scheduler.load_state_dict(meta["scheduler"])
+            ckpt.set_rng_state(rng_tensors, meta["rng"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as err:
+            if isinstance(err, CodebookLensError):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TrainError(f"checkpoint {path} does not fit this model: {first}") from None
         start_step = meta["step"]
         if main:
-            print(f"resuming from {existing[-1]} at step {start_step}")
+            print(f"resuming from {path} at step {start_step}")
     elif resume and main:
         print(f"no checkpoint in {ckpt_root}; starting from scratch")
     return _loop(
@@ -351,6 +367,34 @@ def train(
         desc,
         source,
     )
+
+
+def _resumable(root: Path, run: dict, resume: bool, max_steps: int) -> list[Path]:
+    """The checkpoints this run may resume from (oldest first), or a clear error when
+    ``root`` holds another run's, or when a fresh run would write among old ones."""
+    existing = ckpt.list_checkpoints(root)
+    if not existing:
+        return []
+    if not resume:
+        raise TrainError(
+            f"{root} already holds checkpoints (the newest is {existing[-1].name}); pass "
+            "--resume to continue that run, or choose another output_dir"
+        )
+    step = 0
+    for path in existing:
+        try:
+            ckpt.check_run(path, run)
+        except ckpt.OtherRunError:
+            raise
+        except ckpt.CheckpointError:
+            continue  # a damaged checkpoint: resuming skips it
+        step = int(path.name[len(ckpt.PREFIX) :])
+    if step > max_steps:
+        raise TrainError(
+            f"the newest checkpoint in {root} is at step {step}, past schedule.max_steps="
+            f"{max_steps}; raise max_steps to continue it"
+        )
+    return existing
 
 
 def _corpus_data(cfg: TrainConfig, tokenizer) -> TrainData:
@@ -508,6 +552,7 @@ def _loop(
                     optimizer,
                     scheduler,
                     cfg.checkpoint.keep,
+                    ckpt.run_record(to_dict(cfg)),
                 )
             accelerator.wait_for_everyone()
         if stop_at_step is not None and done >= stop_at_step:

@@ -1,7 +1,5 @@
-"""The code browser: a web app and JSON API over a code cache (``codebook serve``).
-
-Needs the web extras (fastapi, uvicorn, jinja2); ``create_app`` builds the app.
-"""
+"""The code browser: a web app and JSON API over a code cache (``codebook serve``);
+``create_app`` builds the app."""
 
 from codebook_lens.web.app import create_app
 

@@ -11,8 +11,6 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from codebook_lens.analysis.search import SearchError
-from codebook_lens.cache.store import CacheError
 from codebook_lens.core.errors import CodebookLensError
 from codebook_lens.web.params import (
     MAX_NEW_TOKENS,
@@ -162,7 +160,7 @@ def page_router(browser: Browser, templates: Jinja2Templates) -> APIRouter:
                 )
             except QueryError as err:
                 error, status = err.message, err.status
-            except (SearchError, CacheError, ValueError) as err:
+            except CodebookLensError as err:
                 error, status = str(err), 400
         return render(
             request,
@@ -199,7 +197,7 @@ def page_router(browser: Browser, templates: Jinja2Templates) -> APIRouter:
                 )
             except QueryError as err:
                 error, status = err.message, err.status
-            except (SearchError, CacheError, ValueError) as err:
+            except CodebookLensError as err:
                 error, status = str(err), 400
         return render(
             request,
@@ -273,7 +271,7 @@ def page_router(browser: Browser, templates: Jinja2Templates) -> APIRouter:
                 )
             except QueryError as err:
                 error, status = err.message, err.status
-            except (CacheError, ValueError) as err:
+            except CodebookLensError as err:
                 error, status = str(err), 400
         return render(
             request,

@@ -27,7 +27,7 @@ from codebook_lens.analysis.search import (
     score_codes,
     topic_codes,
 )
-from codebook_lens.cache.store import CacheError, CodeCache
+from codebook_lens.cache.store import CodeCache, check_model_fits
 from codebook_lens.core.errors import CodebookLensError
 from codebook_lens.core.loading import Loaded, load_codebook_model
 from codebook_lens.core.refs import CodeRef
@@ -69,29 +69,6 @@ class BrowserCache(CodeCache):
             while len(self._units) > VECTOR_CACHE:
                 self._units.popitem(last=False)
         return units
-
-
-def context_length(loaded: Loaded) -> int | None:
-    """The longest sequence the model's positions allow, when its config says."""
-    config = loaded.model.model.config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def check_model_fits(cache: CodeCache, loaded: Loaded) -> None:
-    """Raise a clear CacheError unless the model has every codebook of the cache, same shape."""
-    for key, info in cache.codebooks.items():
-        if key not in loaded.model.codebooks:
-            raise CacheError(f"the model has no codebook {key!r}, which the cache {cache.path} has")
-        cb = loaded.model.codebooks[key]
-        if (cb.groups, cb.num_codes) != (info.groups, info.num_codes):
-            raise CacheError(
-                f"codebook {key} has {cb.groups} group(s) of {cb.num_codes} codes in the model "
-                f"but {info.groups} of {info.num_codes} in the cache"
-            )
 
 
 class Browser:
@@ -152,11 +129,11 @@ class Browser:
         """The code named by ``text``: 400 when it names no code, 404 when the cache lacks it."""
         try:
             ref = CodeRef.parse(text)
-        except ValueError as err:
+        except CodebookLensError as err:
             raise QueryError(400, str(err)) from None
         try:
             self.cache.check(ref)
-        except ValueError as err:
+        except CodebookLensError as err:
             raise QueryError(404, f"no code {ref} in this cache: {err}") from None
         return ref
 
@@ -338,11 +315,11 @@ class Browser:
             if self._model_error is None:
                 try:
                     return self.cache.model()
-                except Exception as err:  # any failure to load means: no model here
+                except CodebookLensError as err:  # missing, damaged or not the cache's own
                     self._model_error = (
                         "topic search needs the model this cache was built from "
                         f"({self.cache.manifest['model']}), which could not be loaded "
-                        f"({type(err).__name__}: {err}); start the server with --model MODEL_DIR"
+                        f"({err}); start the server with --model MODEL_DIR"
                     )
         raise QueryError(409, self._model_error)
 
@@ -392,15 +369,6 @@ class Browser:
         positions = None if from_position is None else slice(from_position, None)
         intervention = Intervention(list(force), list(disable), mode, positions, strength)
         check_intervention(loaded.model, intervention)
-        length = context_length(loaded)
-        if length is not None:
-            n = len(loaded.codec.encode(prompt)[0]) or 1
-            if n + max_new_tokens > length:
-                raise QueryError(
-                    400,
-                    f"the prompt has {n} tokens; with {max_new_tokens} new tokens that exceeds "
-                    f"the model's {length} positions",
-                )
         options = {
             "samples": samples,
             "max_new_tokens": max_new_tokens,

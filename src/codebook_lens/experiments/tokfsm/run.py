@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from codebook_lens.core.files import check_output_dir
 from codebook_lens.core.model import CodebookModel, SiteSpec
 from codebook_lens.data.fsm import FSM, FSMData
 from codebook_lens.experiments.tokfsm import analysis as A
@@ -231,7 +232,7 @@ def run(cfg: FSMExperimentConfig, out: str | Path, log=print) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars say what is going on
-    out = Path(out)
+    out = check_output_dir(out, "run directory")
     out.mkdir(parents=True, exist_ok=True)
     t = cfg.task
     fsm = FSM.random(t.num_states, t.out_degree, t.base, t.seed)
