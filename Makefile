@@ -7,7 +7,7 @@ CHROMIUM := /usr/bin/chromium
 # Playwright drives the system's Chromium; it must never download a browser of its own.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test docs bench lint clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ $(CHROMIUM):
 	  if (apt-get update -qq && apt-get install -y -qq chromium) > $$log 2>&1; then rm -f $$log; \
 	  else tail -n 20 $$log; rm -f $$log; exit 1; fi
 
+# The tests include the strict documentation build (tests/test_docs.py).
 test: $(BIN)/.installed $(CHROMIUM)
 	$(BIN)/python -m pytest -q
+
+# The documentation site, offline, into site/; strict: a broken link or anchor fails.
+docs: $(BIN)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks
@@ -36,4 +41,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/snap.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis site
