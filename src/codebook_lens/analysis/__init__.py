@@ -1,0 +1,50 @@
+"""Questions asked of a code cache: codes by regex, topic, logit effect or similarity,
+frequencies, and the neuron baseline that codes are compared against."""
+
+from codebook_lens.analysis.neurons import (
+    CurvePoint,
+    NeuronScore,
+    code_curve,
+    codes_vs_neurons,
+    neuron_baseline,
+    neuron_curve,
+)
+from codebook_lens.analysis.search import (
+    CodeScore,
+    EffectHit,
+    RegexResult,
+    SearchError,
+    TopicHit,
+    effect_codes,
+    frequency_by_rank,
+    logit_effect,
+    matching_tokens,
+    per_codebook,
+    regex_codes,
+    score_codes,
+    similar_codes,
+    topic_codes,
+)
+
+__all__ = [
+    "CodeScore",
+    "CurvePoint",
+    "EffectHit",
+    "NeuronScore",
+    "RegexResult",
+    "SearchError",
+    "TopicHit",
+    "code_curve",
+    "codes_vs_neurons",
+    "effect_codes",
+    "frequency_by_rank",
+    "logit_effect",
+    "matching_tokens",
+    "neuron_baseline",
+    "neuron_curve",
+    "per_codebook",
+    "regex_codes",
+    "score_codes",
+    "similar_codes",
+    "topic_codes",
+]
