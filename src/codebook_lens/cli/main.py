@@ -53,8 +53,13 @@ def _fsm(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.overrides[:1] == ["lm"]:  # codebook demo lm: the natural-language experiment
+        from codebook_lens.cli.lm import demo_lm
+
+        return demo_lm(args.out or "runs/demo-lm", args.overrides[1:])
     from codebook_lens.experiments.tokfsm.run import load_fsm_config, run
 
+    args.out = args.out or "runs/demo"
     cfg = load_fsm_config("demo", args.overrides)
     check_output_dir(args.out, "--out directory")
     print(
@@ -343,8 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="e.g. base.steps=500 codebook.k=4"
     )
     p.set_defaults(func=_fsm)
-    p = sub.add_parser("demo", help="the main job: TokFSM end to end on a short budget")
-    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p = sub.add_parser(
+        "demo",
+        help="the main job: TokFSM end to end on a short budget ('codebook demo lm': natural "
+        "language, at most 15 minutes)",
+    )
+    p.add_argument("--out", default=None, help="run directory (default runs/demo, or runs/demo-lm)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=argparse.SUPPRESS)
     p.set_defaults(func=_demo)
     p = sub.add_parser("steer", help="generate with and without codes forced on, side by side")
@@ -389,9 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_intervention_options(p, samples=10)
     p.set_defaults(func=_steer_eval)
     from codebook_lens.cli.cache import add_parser as add_cache_parser
+    from codebook_lens.cli.lm import add_parser as add_lm_parser
     from codebook_lens.cli.query import add_parsers as add_query_parsers
     from codebook_lens.cli.serve import add_parser as add_serve_parser
 
+    add_lm_parser(sub)
     add_cache_parser(sub)
     add_query_parsers(sub)
     add_serve_parser(sub)

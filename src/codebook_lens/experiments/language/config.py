@@ -1,0 +1,366 @@
+"""The natural-language experiment's config: tokenizer, data, network, the training
+stages and the measurements, with presets (``cpu``, ``demo``, ``paper``, ``tiny``) and
+``key=value`` overrides.
+
+Keys are strict (a misspelt key is refused with a suggestion) and values are checked
+when the config is built, before any model exists. Each training stage becomes a
+:class:`~codebook_lens.training.config.TrainConfig` of the project's training loop
+(:func:`stage_config`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from pathlib import Path
+
+from codebook_lens.core.codebook import SIMILARITIES, CodebookConfig
+from codebook_lens.core.sites import SITES
+from codebook_lens.steering.intervene import MODES
+from codebook_lens.training.config import (
+    CheckpointSection,
+    CodebooksSection,
+    ConfigError,
+    DataSection,
+    EvalSection,
+    LoggingSection,
+    OptimSection,
+    ScheduleSection,
+    SiteSection,
+    TrainConfig,
+    all_finite,
+    apply_overrides,
+    at_least,
+    from_dict,
+    non_negative,
+    positive,
+    require,
+)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REGEX_FILE = PACKAGE_DIR / "regexes.yaml"
+TOPIC_FILE = PACKAGE_DIR / "topics.yaml"
+SOURCES = ("scratch", "smollm2-135m")
+
+
+@dataclasses.dataclass
+class TokenizerSection:
+    """The BPE tokenizer trained on the training split (a network trained from scratch)."""
+
+    vocab_size: int = 4096
+    max_chars: int | None = None  # train on the first characters only (None: all)
+
+    def __post_init__(self) -> None:
+        at_least("tokenizer", self, 257, "vocab_size")
+        at_least("tokenizer", self, 1, "max_chars")
+
+
+@dataclasses.dataclass
+class TextSection:
+    """corpus: ``offline`` (the packaged corpus) or a local corpus (see
+    :func:`codebook_lens.data.documents.iter_documents`)."""
+
+    corpus: str = "offline"
+    seq_len: int = 128
+    max_train_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        at_least("data", self, 2, "seq_len")
+        at_least("data", self, 1, "max_train_tokens")
+
+
+@dataclasses.dataclass
+class NetSection:
+    """The network. ``source: scratch`` builds a GPT-NeoX of this shape with the trained
+    tokenizer; ``source: smollm2-135m`` keeps the first ``layers`` decoder layers of the
+    offline SmolLM2 asset (with its tokenizer; the shape keys are then unused)."""
+
+    source: str = "scratch"
+    layers: int = 2
+    hidden: int = 256
+    heads: int = 4
+    mlp: int = 1024
+    rotary_fraction: float = 0.25
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        all_finite("net", self)
+        require(self.source in SOURCES, "net.source", self.source, f"one of {', '.join(SOURCES)}")
+        at_least("net", self, 1, "layers", "hidden", "heads", "mlp")
+        ok = self.hidden % self.heads == 0
+        require(ok, "net.heads", self.heads, f"a divisor of net.hidden ({self.hidden})")
+        ok = 0 < self.rotary_fraction <= 1
+        require(ok, "net.rotary_fraction", self.rotary_fraction, "in (0, 1]")
+        positive("net", self, "rope_theta")
+
+
+@dataclasses.dataclass
+class StageSection:
+    """One training stage."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    scheduler: typing.Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.01
+    seed: int = 0
+    log_every: int = 25
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+
+    def check(self, name: str) -> None:
+        all_finite(name, self)
+        at_least(name, self, 1, "steps", "batch_size", "log_every", "eval_every")
+        at_least(name, self, 1, "eval_batches", "checkpoint_every")
+        at_least(name, self, 0, "warmup_steps")
+        positive(name, self, "lr")
+        non_negative(name, self, "weight_decay")
+
+
+@dataclasses.dataclass
+class CodebookStageSection(StageSection):
+    """The codebook stage: codebooks on ``sites`` of every layer, trained from a copy of
+    the base (``from_base``) or from scratch with the codebooks in place. ``control``
+    also trains a copy of the base for the same steps without codebooks, so that the
+    codebook model is compared with a base of the same training budget."""
+
+    sites: list[str] = dataclasses.field(default_factory=lambda: ["attn_heads", "mlp"])
+    attn_num_codes: int = 1024
+    attn_k: int = 8
+    mlp_num_codes: int = 2048
+    mlp_k: int = 16
+    similarity: str = "cosine"
+    codebook_lr: float = 1e-3
+    commitment_weight: float = 0.0
+    kmeans_init: bool = True
+    kmeans_tokens: int = 32768
+    revive_after_steps: int | None = 50
+    from_base: bool = True
+    freeze_base: bool = False
+    distill_weight: float = 0.0
+    control: bool = True
+
+    def check(self, name: str) -> None:
+        super().check(name)
+        sites = self.sites
+        ok = bool(sites) and set(sites) <= set(SITES) and len(set(sites)) == len(sites)
+        require(ok, f"{name}.sites", sites, f"a list of distinct sites from {', '.join(SITES)}")
+        at_least(name, self, 2, "attn_num_codes", "mlp_num_codes")
+        ok = self.similarity in SIMILARITIES
+        require(ok, f"{name}.similarity", self.similarity, f"one of {', '.join(SIMILARITIES)}")
+        positive(name, self, "codebook_lr")
+        non_negative(name, self, "commitment_weight", "distill_weight")
+        at_least(name, self, 1, "kmeans_tokens", "revive_after_steps")
+        for site in sites:
+            codes, k = self.num_codes(site), self.k(site)
+            key = f"{name}.{'attn' if site == 'attn_heads' else 'mlp'}_k"
+            require(1 <= k < codes, key, k, f"in 1..{codes - 1} (below the number of codes)")
+        if self.distill_weight > 0:
+            require(self.freeze_base, f"{name}.freeze_base", False, "true with distill_weight > 0")
+        if not self.from_base:
+            require(not self.freeze_base, f"{name}.freeze_base", True, "false without from_base")
+
+    def num_codes(self, site: str) -> int:
+        return self.attn_num_codes if site == "attn_heads" else self.mlp_num_codes
+
+    def k(self, site: str) -> int:
+        return self.attn_k if site == "attn_heads" else self.mlp_k
+
+    def site_sections(self) -> list[SiteSection]:
+        """The stage's codebook sites (every layer), as a training config holds them."""
+        return [
+            SiteSection(
+                site,
+                CodebookConfig(
+                    num_codes=self.num_codes(site),
+                    k=self.k(site),
+                    similarity=self.similarity,
+                    commitment_weight=self.commitment_weight,
+                ),
+            )
+            for site in self.sites
+        ]
+
+
+@dataclasses.dataclass
+class MeasureSection:
+    """The measurements. ``eval_batches`` held-out batches (of the stages' batch size)
+    for LM quality; the code cache holds ``cache_tokens`` tokens of training documents
+    drawn in a seeded order; a regex is scored by its most precise code among those
+    firing at least ``min_count`` times with recall at least ``min_recall``, against the
+    best single neuron at that recall (and along ``recalls``)."""
+
+    eval_batches: int = 32
+    ablation_batches: int = 16  # training batches for the mean activation of each site
+    cache_tokens: int = 200_000
+    regex_file: str | None = None  # None: the packaged regexes.yaml
+    min_count: int = 10
+    min_recall: float = 0.1
+    recalls: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 0.9])
+    neuron_sample: int = 2048  # matching tokens that set each neuron's thresholds
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        all_finite("measure", self)
+        at_least("measure", self, 1, "eval_batches", "ablation_batches", "min_count")
+        at_least("measure", self, 1, "neuron_sample")
+        at_least("measure", self, 1000, "cache_tokens")
+        ok = 0 <= self.min_recall <= 1
+        require(ok, "measure.min_recall", self.min_recall, "in [0, 1]")
+        ok = all(0 < r <= 1 for r in self.recalls)
+        require(ok, "measure.recalls", self.recalls, "a list of recalls in (0, 1]")
+
+
+@dataclasses.dataclass
+class SteerSection:
+    """Topic steering (paper Table 3 protocol). Codes per topic: ``select: words``
+    takes the codes a topic word most often follows within ``window`` tokens
+    (:func:`codebook_lens.analysis.topics.word_topic_codes`); ``select: text`` the codes
+    that fire on most of the topic's passage (the paper's topic search). The best
+    ``codes_per_codebook`` of every codebook (every head of an attention codebook
+    counts as one) are forced on at every position at ``strength``."""
+
+    topic_file: str | None = None  # None: the packaged topics.yaml
+    select: typing.Literal["words", "text"] = "words"
+    window: int = 16
+    min_count: int = 20
+    max_frequency: float = 0.02
+    min_fraction: float = 0.2  # select: text
+    codes_per_codebook: int = 1
+    mode: str = "replace_last"
+    strength: float = 1.0
+    samples_per_prompt: int = 10
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        all_finite("steer", self)
+        at_least("steer", self, 1, "window", "min_count", "codes_per_codebook")
+        at_least("steer", self, 1, "samples_per_prompt", "max_new_tokens")
+        require(self.mode in MODES, "steer.mode", self.mode, f"one of {', '.join(MODES)}")
+        ok = 0 < self.max_frequency <= 1
+        require(ok, "steer.max_frequency", self.max_frequency, "in (0, 1]")
+        ok = 0 < self.min_fraction <= 1
+        require(ok, "steer.min_fraction", self.min_fraction, "in (0, 1]")
+        non_negative("steer", self, "temperature")
+
+
+@dataclasses.dataclass
+class LMExperimentConfig:
+    preset: str = "cpu"
+    tokenizer: TokenizerSection = dataclasses.field(default_factory=TokenizerSection)
+    data: TextSection = dataclasses.field(default_factory=TextSection)
+    net: NetSection = dataclasses.field(default_factory=NetSection)
+    base: StageSection = dataclasses.field(default_factory=StageSection)
+    codebook: CodebookStageSection = dataclasses.field(default_factory=CodebookStageSection)
+    measure: MeasureSection = dataclasses.field(default_factory=MeasureSection)
+    steer: SteerSection = dataclasses.field(default_factory=SteerSection)
+
+    def __post_init__(self) -> None:
+        self.base.check("base")
+        self.codebook.check("codebook")
+
+
+PRESETS: dict[str, dict] = {
+    # sized for this project's 2-core CPU: at most an hour end to end
+    "cpu": {},
+    # the same experiment on a shorter budget (at most 15 minutes here)
+    "demo": {},
+    # a larger network and longer training, meant for a GPU
+    "paper": {
+        "tokenizer": {"vocab_size": 8192},
+        "data": {"seq_len": 256},
+        "net": {"layers": 4, "hidden": 512, "heads": 8, "mlp": 2048},
+        "base": {"steps": 20000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 500},
+        "codebook": {
+            "steps": 5000,
+            "batch_size": 64,
+            "lr": 3e-4,
+            "attn_num_codes": 4096,
+            "mlp_num_codes": 8192,
+        },
+        "measure": {"cache_tokens": 1_000_000},
+    },
+    # seconds, for tests: every stage runs, nothing is meaningful
+    "tiny": {
+        "tokenizer": {"vocab_size": 300, "max_chars": 200_000},
+        "data": {"seq_len": 32, "max_train_tokens": 20_000},
+        "net": {"layers": 1, "hidden": 32, "heads": 2, "mlp": 64},
+        "base": {"steps": 6, "batch_size": 4, "warmup_steps": 2, "log_every": 3},
+        "codebook": {
+            "steps": 4,
+            "batch_size": 4,
+            "warmup_steps": 1,
+            "log_every": 2,
+            "attn_num_codes": 32,
+            "attn_k": 2,
+            "mlp_num_codes": 64,
+            "mlp_k": 4,
+            "kmeans_tokens": 512,
+        },
+        "measure": {
+            "eval_batches": 2,
+            "ablation_batches": 2,
+            "cache_tokens": 3000,
+            "min_count": 2,
+            "neuron_sample": 64,
+        },
+        "steer": {"samples_per_prompt": 2, "max_new_tokens": 8, "min_count": 2},
+    },
+}
+
+
+def load_lm_config(preset: str = "cpu", overrides: list[str] | None = None) -> LMExperimentConfig:
+    """The config of ``preset`` plus ``key=value`` overrides (strict keys, checked values)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    data = copy.deepcopy(PRESETS[preset])
+    data["preset"] = preset
+    return from_dict(LMExperimentConfig, apply_overrides(data, overrides or []))
+
+
+def stage_config(cfg: LMExperimentConfig, name: str, out: Path) -> TrainConfig:
+    """The :class:`TrainConfig` of stage ``name``: ``base``, ``codebook`` or ``control``
+    (the base trained on with the codebook stage's schedule, without codebooks)."""
+    stage = cfg.base if name == "base" else cfg.codebook
+    codebooks = CodebooksSection(sites=[], kmeans_init=False, revive_after_steps=None)
+    optim = OptimSection(
+        lr=stage.lr, codebook_lr=stage.lr, weight_decay=stage.weight_decay, grad_clip=1.0
+    )
+    if name == "codebook":
+        c = cfg.codebook
+        codebooks = CodebooksSection(
+            sites=c.site_sections(),
+            kmeans_init=c.kmeans_init,
+            kmeans_tokens=c.kmeans_tokens,
+            revive_after_steps=c.revive_after_steps,
+        )
+        optim = OptimSection(
+            lr=c.lr,
+            codebook_lr=c.codebook_lr,
+            weight_decay=c.weight_decay,
+            grad_clip=1.0,
+            freeze_base=c.freeze_base,
+            distill_weight=c.distill_weight,
+        )
+    return TrainConfig(
+        output_dir=str(out / name),
+        data=DataSection(corpus=cfg.data.corpus, seq_len=cfg.data.seq_len),
+        codebooks=codebooks,
+        optim=optim,
+        schedule=ScheduleSection(
+            max_steps=stage.steps,
+            batch_size=stage.batch_size,
+            warmup_steps=stage.warmup_steps,
+            scheduler=stage.scheduler,
+            seed=stage.seed,
+        ),
+        logging=LoggingSection(every=stage.log_every),
+        eval=EvalSection(every=stage.eval_every, batches=stage.eval_batches),
+        checkpoint=CheckpointSection(every=stage.checkpoint_every, keep=1),
+    )

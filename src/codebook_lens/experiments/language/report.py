@@ -1,0 +1,249 @@
+"""The language run's self-contained HTML report (inline SVG plots, no network)."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from codebook_lens.experiments.language.metrics import METRIC_KEYS
+from codebook_lens.plots import (
+    REPORT_STYLE,
+    bar_plot,
+    frequency_plot,
+    html_table,
+    precision_recall_plot,
+    pyplot,
+    svg,
+    training_curves,
+)
+from codebook_lens.training.config import to_dict
+
+
+def regex_scatter(rows: list[dict]) -> str:
+    """Paper Figure 3: per regex, its code's precision against the best neuron's at the
+    code's recall (above the diagonal: the code is the better classifier)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.8))
+    pts = [r for r in rows if r["code"] is not None and r["neuron"] is not None]
+    xs = [r["neuron"]["precision"] for r in pts]
+    ys = [r["code"]["precision"] for r in pts]
+    ax.scatter(xs, ys, s=18, color="#4878a8")
+    for r, x, y in zip(pts, xs, ys, strict=True):
+        ax.annotate(r["name"], (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.plot([0, 1], [0, 1], color="#a33", lw=1)
+    ax.set_xlabel("best neuron's precision at the code's recall")
+    ax.set_ylabel("code's precision")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("codes against neurons, one point per regex")
+    ax.grid(alpha=0.3)
+    return svg(fig)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _quality_table(m: dict) -> str:
+    rows = []
+    for name, label in (
+        ("base", "base"),
+        ("control", "base trained on (control, same budget as the codebook model)"),
+        ("codebook", "codebook model"),
+        ("codebook_off", "codebook model, codebooks off"),
+        ("ablated", "base, codebook sites mean-ablated"),
+    ):
+        if f"{name}.loss" in m:
+            kl = m.get(f"{name}.kl")
+            rows.append(
+                [label, m[f"{name}.loss"], _pct(m[f"{name}.accuracy"]), "" if kl is None else kl]
+            )
+    table = html_table(rows, ["model", "held-out loss", "next-token accuracy", "KL from base"])
+    extra = (
+        f"<p>Gap recovered against mean ablation: <b>{_pct(m['gap_recovered'])}</b>; "
+        f"loss increase over the base: <b>{m['loss_increase']:+.3f}</b> nats"
+    )
+    if "loss_increase_vs_control" in m:
+        extra += f" ({m['loss_increase_vs_control']:+.3f} over the control)"
+    return table + extra + ".</p>"
+
+
+def _regex_table(rows: list[dict]) -> str:
+    body = []
+    for r in rows:
+        code, neuron = r["code"], r["neuron"]
+        body.append(
+            [
+                r["name"],
+                r["matching_tokens"],
+                "-" if code is None else code["code"],
+                "-" if code is None else f"{code['precision']:.3f} / {code['recall']:.3f}",
+                "-" if neuron is None else f"{neuron['site']}[{neuron['neuron']}]",
+                "-" if neuron is None else f"{neuron['precision']:.3f}",
+                "-" if r["lead"] is None else f"{100 * r['lead']:+.1f}",
+            ]
+        )
+    return html_table(
+        body,
+        [
+            "regex",
+            "matching tokens",
+            "code",
+            "code precision / recall",
+            "best neuron",
+            "neuron precision",
+            "lead (points)",
+        ],
+    )
+
+
+def _samples(result: dict, count: int = 3) -> str:
+    rows = []
+    for s in result["samples"][:count]:
+        for b, t in list(zip(s["baseline"], s["steered"], strict=True))[:1]:
+            rows.append(
+                "<tr><td>"
+                + html.escape(s["prompt"])
+                + "</td><td style='text-align:left'>"
+                + html.escape(b)
+                + "</td><td style='text-align:left'>"
+                + html.escape(t)
+                + "</td></tr>"
+            )
+    return (
+        "<table><tr><th>prompt</th><th>unsteered</th><th>steered</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+def lm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
+    """Write ``run_dir/report.html`` for a language run."""
+    m = metrics
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>codebook-lens: language "
+        f"run ({html.escape(cfg.preset)})</title><style>{REPORT_STYLE}</style></head><body>",
+        f"<h1>Codebook features on natural language ({html.escape(cfg.preset)} preset)</h1>",
+        "<p class='note'>A GPT-NeoX trained here on the offline corpus (the base), a codebook "
+        "model with codebooks on the attention heads and MLPs of every layer, and the "
+        "paper's natural-language measurements. Figures and their commands are in "
+        "docs/results/language.md.</p>",
+        "<h2>Language-model quality</h2>",
+        _quality_table(m),
+    ]
+    ablated = details["quality"]["ablated_alone"]
+    parts.append(
+        "<p>Held-out loss with one site mean-ablated at a time (base): "
+        + ", ".join(f"{html.escape(k)} {v:.3f}" for k, v in ablated.items())
+        + ".</p>"
+    )
+    stages = [
+        s for s in ("base", "codebook", "control") if (run_dir / s / "metrics.jsonl").exists()
+    ]
+    parts.append(f"<figure>{training_curves(run_dir, stages)}</figure>")
+
+    parts.append("<h2>Code frequency by rank (paper Figure 4)</h2>")
+    fits = details["frequency"]["fits"]
+    parts.append(
+        html_table(
+            [
+                [k, f["codes"], f["exponent"], f["r2"], _pct(m[f"frequency.{k}.dead_fraction"])]
+                for k, f in fits.items()
+            ],
+            ["codebook", "codes that fire", "power-law exponent", "R^2 (log-log)", "dead"],
+        )
+    )
+    parts.append(f"<figure>{frequency_plot(details['frequency']['counts'])}</figure>")
+
+    parts.append("<h2>Codes against neurons (paper Figure 3)</h2>")
+    parts.append(
+        f"<p>Codes more precise than the best neuron at the code's recall on "
+        f"<b>{_pct(m['regex.codes_win_share'])}</b> of {m['regex.regexes']} regexes; median "
+        f"lead <b>{m['regex.median_lead_points']:+.1f}</b> points. A regex's code is the most "
+        f"precise code firing at least {cfg.measure.min_count} times with recall at least "
+        f"{cfg.measure.min_recall:g}; neurons are every layer's attention and MLP outputs and "
+        "MLP hidden units of the same network with its codebooks off, either sign.</p>"
+    )
+    parts.append(_regex_table(details["regexes"]))
+    parts.append(f"<figure>{regex_scatter(details['regexes'])}</figure>")
+    curves = [
+        {
+            "pattern": name,
+            "matching_tokens": r["matching_tokens"],
+            "curve": details["regex_curves"][name],
+        }
+        for r in details["regexes"]
+        if (name := r["name"]) in details["regex_curves"]
+    ]
+    for i in range(0, len(curves), 4):
+        parts.append(f"<figure>{precision_recall_plot(curves[i : i + 4])}</figure>")
+
+    parts.append("<h2>Topic steering (paper Table 3)</h2>")
+    steering = details["steering"]
+    parts.append(
+        f"<p>Codes forced at strength {cfg.steer.strength:g} at every position "
+        f"({html.escape(cfg.steer.mode)}; selected by {html.escape(cfg.steer.select)}); "
+        f"{m['steer.topics_steered']} of {m['steer.topics']} topics reach a steered share "
+        "of at least 60% with an unsteered share of at most 20% and a fluency cost of at most "
+        "1 nat.</p>"
+    )
+    parts.append(
+        html_table(
+            [
+                [
+                    r["name"],
+                    len(r["codes"]),
+                    _pct(r["baseline_share"]),
+                    _pct(r["steered_share"]),
+                    r["baseline_loss"],
+                    r["steered_loss"],
+                    r["fluency_cost"],
+                ]
+                for r in steering
+            ],
+            [
+                "topic",
+                "codes",
+                "unsteered on topic",
+                "steered on topic",
+                "loss of unsteered samples",
+                "loss of steered samples",
+                "fluency cost",
+            ],
+        )
+    )
+    names = [r["name"] for r in steering]
+    parts.append(
+        "<figure>"
+        + bar_plot(
+            names,
+            {
+                "unsteered": [r["baseline_share"] for r in steering],
+                "steered": [r["steered_share"] for r in steering],
+            },
+            "samples on topic",
+            "share",
+            ref=0.6,
+        )
+        + "</figure>"
+    )
+    for r in steering:
+        parts.append(f"<h3>{html.escape(r['name'])}</h3>" + _samples(r))
+
+    parts.append("<h2>Timings</h2>")
+    parts.append(
+        html_table(
+            [[k.split(".", 1)[1], v / 60] for k, v in m.items() if k.startswith("seconds.")],
+            ["stage", "minutes"],
+        )
+    )
+    parts.append("<h2>Metric keys</h2>")
+    parts.append(html_table([[k, v] for k, v in METRIC_KEYS.items()], ["key", "meaning"]))
+    parts.append(
+        "<h2>Settings</h2><pre>" + html.escape(json.dumps(to_dict(cfg), indent=2)) + "</pre>"
+    )
+    parts.append("</body></html>")
+    path = run_dir / "report.html"
+    path.write_text("".join(parts))
+    return path

@@ -1,0 +1,172 @@
+"""Topic steering of the language experiment (paper Table 3 protocol).
+
+For each topic: its codes are found over the code cache (from its words, or from its
+passage as the paper did), the best few of every codebook are forced on at every
+position at the configured strength, and continuations of the shared prompts are
+sampled with and without them from the same seeds. Reported per topic: the share of
+samples on topic, steered and unsteered, and the fluency cost (the unsteered model's
+mean loss per token on the steered samples minus that on the unsteered ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from codebook_lens.analysis.search import SearchError, topic_codes
+from codebook_lens.analysis.topics import word_topic_codes
+from codebook_lens.cache.store import CodeCache
+from codebook_lens.core.loading import TextCodec
+from codebook_lens.core.model import CodebookModel
+from codebook_lens.core.refs import CodeRef
+from codebook_lens.experiments.language.config import SteerSection
+from codebook_lens.experiments.language.files import Topic
+from codebook_lens.experiments.language.measures import (
+    continuation_nll,
+    fluency_cost,
+    logits_fn,
+    topic_share,
+)
+from codebook_lens.steering.sampling import generate, steering_eval
+
+
+def per_group(refs: Sequence[CodeRef], n: int) -> list[CodeRef]:
+    """The first ``n`` of ``refs`` (in the order given) of every (codebook, group)."""
+    taken: dict[tuple[str, int], int] = {}
+    kept = []
+    for ref in refs:
+        key = (ref.codebook, ref.group)
+        taken[key] = taken.get(key, 0) + 1
+        if taken[key] <= n:
+            kept.append(ref)
+    return kept
+
+
+def select_codes(cache: CodeCache, topic: Topic, cfg: SteerSection) -> list[CodeRef]:
+    """The codes forced on for ``topic`` (see :class:`SteerSection`); none when no cached
+    token is followed by a topic word (``select: words``)."""
+    if cfg.select == "words":
+        try:
+            hits = word_topic_codes(
+                cache,
+                topic.words,
+                window=cfg.window,
+                min_count=cfg.min_count,
+                max_frequency=cfg.max_frequency,
+                limit=None,
+            )
+        except SearchError:
+            return []
+        refs = [h.ref for h in hits]
+    else:
+        if not topic.text.strip():
+            raise SearchError(f"topic {topic.name!r} has no text for select: text")
+        refs = [
+            h.ref
+            for h in topic_codes(
+                cache,
+                topic.text,
+                min_fraction=cfg.min_fraction,
+                max_frequency=cfg.max_frequency,
+                limit=None,
+            )
+        ]
+    return per_group(refs, cfg.codes_per_codebook)
+
+
+@dataclass
+class TopicResult:
+    name: str
+    words: list[str]
+    codes: list[str]
+    baseline_share: float
+    steered_share: float
+    baseline_loss: float  # the unsteered model's mean loss per token on its own samples
+    steered_loss: float  # ... on the steered samples
+    fluency_cost: float
+    samples: list[dict] = field(default_factory=list)  # per prompt: baseline and steered texts
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _nll(model: CodebookModel, codec: TextCodec, prompts, texts) -> tuple[float, int]:
+    total, count = 0.0, 0
+    run = logits_fn(model)
+    for prompt, row in zip(prompts, texts, strict=True):
+        ids, _ = codec.encode(prompt)
+        if not ids:
+            ids = [codec.bos_id if codec.bos_id is not None else codec.eos_id]
+        nll, n = continuation_nll(run, ids, [codec.encode(t)[0] for t in row])
+        total, count = total + nll, count + n
+    return total, count
+
+
+def steer_topic(
+    model: CodebookModel,
+    codec: TextCodec,
+    cache: CodeCache,
+    prompts: list[str],
+    topic: Topic,
+    cfg: SteerSection,
+) -> TopicResult:
+    """Steer one topic: select its codes, sample with and without them, measure. A
+    topic for which no code qualifies is sampled without any (its steered samples are
+    its unsteered ones)."""
+    codes = select_codes(cache, topic, cfg)
+    sampling = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "seed": cfg.seed,
+    }
+    if codes:
+        result = steering_eval(
+            model,
+            codec,
+            codes,
+            prompts,
+            samples_per_prompt=cfg.samples_per_prompt,
+            words=topic.words,
+            mode=cfg.mode,
+            strength=cfg.strength,
+            progress=False,
+            **sampling,
+        )
+        unsteered, steered_texts = result.baseline, result.steered
+    else:  # the same seeds: these are the samples steering_eval draws unsteered
+        unsteered = generate(model, prompts, codec, samples=cfg.samples_per_prompt, **sampling)
+        steered_texts = unsteered
+    baseline = _nll(model, codec, prompts, unsteered)
+    steered = _nll(model, codec, prompts, steered_texts)
+    return TopicResult(
+        name=topic.name,
+        words=list(topic.words),
+        codes=[str(c) for c in codes],
+        baseline_share=topic_share([t for row in unsteered for t in row], topic.words),
+        steered_share=topic_share([t for row in steered_texts for t in row], topic.words),
+        baseline_loss=baseline[0] / max(baseline[1], 1),
+        steered_loss=steered[0] / max(steered[1], 1),
+        fluency_cost=fluency_cost(steered, baseline),
+        samples=[
+            {"prompt": p, "baseline": b, "steered": s}
+            for p, b, s in zip(prompts, unsteered, steered_texts, strict=True)
+        ],
+    )
+
+
+def steering_summary(results: Sequence[TopicResult], max_cost: float = 1.0) -> dict[str, float]:
+    """Topics steered in the sense of the targets: steered share >= 0.6, unsteered
+    <= 0.2 and fluency cost <= ``max_cost``; and the mean shares and cost."""
+    n = max(len(results), 1)
+    ok = [
+        r
+        for r in results
+        if r.steered_share >= 0.6 and r.baseline_share <= 0.2 and r.fluency_cost <= max_cost
+    ]
+    return {
+        "topics": len(results),
+        "topics_steered": len(ok),
+        "mean_baseline_share": sum(r.baseline_share for r in results) / n,
+        "mean_steered_share": sum(r.steered_share for r in results) / n,
+        "mean_fluency_cost": sum(r.fluency_cost for r in results) / n,
+    }

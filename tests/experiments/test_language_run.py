@@ -1,0 +1,119 @@
+"""The language experiment end to end at a tiny size: every stage, metrics.json with
+documented keys, the report, a rerun that loads what was trained, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from helpers import corpus_text
+
+from codebook_lens.cli.main import main
+from codebook_lens.experiments.language.config import ConfigError, load_lm_config
+from codebook_lens.experiments.language.metrics import METRIC_KEYS
+from codebook_lens.experiments.language.run import run
+
+TOPICS = """
+prompts: ["The", "In May"]
+topics:
+  - {name: boats, words: [boat, boats], text: "a small boat on the water"}
+  - {name: zebras, words: [zebra], text: "a zebra"}
+"""
+REGEXES = """
+patterns:
+  - {name: years, pattern: '\\b(19|20)[0-9][0-9]\\b'}
+  - {name: months, pattern: '\\b(January|February|March)\\b'}
+  - {name: none, pattern: 'qqqq'}
+"""
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": corpus_text(4, seed=i)}) + "\n" for i in range(400))
+    )
+    (root / "topics.yaml").write_text(TOPICS)
+    (root / "regexes.yaml").write_text(REGEXES)
+    overrides = [
+        f"data.corpus={corpus}",
+        f"steer.topic_file={root / 'topics.yaml'}",
+        f"measure.regex_file={root / 'regexes.yaml'}",
+    ]
+    return root, overrides
+
+
+def _documented(key: str) -> bool:
+    """Whether ``key`` is one of METRIC_KEYS, whose ``<...>`` parts stand for any name."""
+    return any(
+        re.fullmatch(re.sub(r"<[^>]+>", ".+", re.escape(pattern)), key) for pattern in METRIC_KEYS
+    )
+
+
+def test_tiny_preset_end_to_end_and_rerun(files, capsys):
+    root, overrides = files
+    out = root / "run"
+    code = main(["lm", "--preset", "tiny", "--out", str(out), *overrides])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "gap recovered" in printed and "boats" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    undocumented = [k for k in metrics if not _documented(k)]
+    assert not undocumented, undocumented
+    for key in ("base.loss", "codebook.loss", "codebook.kl", "control.loss", "ablated.loss"):
+        assert metrics[key] > 0
+    assert metrics["regex.regexes"] == 3
+    assert metrics["steer.topics"] == 2
+    # a topic that no cached token leads to gets no codes: its steered samples are its own
+    details = json.loads((out / "analysis.json").read_text())
+    zebras = next(r for r in details["steering"] if r["name"] == "zebras")
+    assert zebras["codes"] == [] and zebras["fluency_cost"] == 0.0
+    boats = next(r for r in details["steering"] if r["name"] == "boats")
+    assert boats["codes"], "a topic present in the corpus gets codes"
+    # a pattern that matches nothing has no code and counts as a loss
+    none = next(r for r in details["regexes"] if r["name"] == "none")
+    assert none["code"] is None and none["matching_tokens"] == 0
+    report = (out / "report.html").read_text()
+    for section in ("Language-model quality", "Figure 4", "Figure 3", "Table 3", "<svg"):
+        assert section in report
+    for stage in ("tokenizer", "base", "codebook", "control"):
+        assert (out / stage / "done.json").exists()
+
+    # a rerun with the same settings trains nothing and measures the same models
+    logged: list[str] = []
+    again = run(load_lm_config("tiny", overrides), out, log=logged.append)
+    assert sum("loading the trained model" in line for line in logged) == 3
+    for key in ("base.loss", "codebook.loss", "control.loss", "gap_recovered"):
+        assert again[key] == pytest.approx(metrics[key], rel=1e-6)
+
+
+def test_config_is_checked_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="codebook.mlp_k must be in 1..63"):
+        load_lm_config("tiny", ["codebook.mlp_k=64"])
+    with pytest.raises(ConfigError, match="did you mean"):
+        load_lm_config("tiny", ["codebook.mlp_kk=4"])
+    with pytest.raises(ConfigError, match="net.source must be one of"):
+        load_lm_config("tiny", ["net.source=gpt5"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_lm_config("huge")
+
+
+def test_demo_lm_is_dispatched_and_plain_demo_stays_tokfsm(monkeypatch, tmp_path):
+    import codebook_lens.cli.lm as lm
+    import codebook_lens.experiments.tokfsm.run as fsm_run
+
+    calls = []
+    monkeypatch.setattr(lm, "demo_lm", lambda out, overrides: calls.append((out, overrides)) or 0)
+    assert main(["demo", "lm", "--out", str(tmp_path / "d"), "steer.seed=3"]) == 0
+    assert calls == [(str(tmp_path / "d"), ["steer.seed=3"])]
+
+    def fake_fsm(cfg, out):
+        calls.append(("fsm", cfg.preset))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(fsm_run, "run", fake_fsm)
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "f")])
+    assert calls[-1] == ("fsm", "demo")
