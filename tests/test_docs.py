@@ -81,9 +81,20 @@ def test_benchmark_results_and_configs_are_published_with_the_site(site: Path) -
         assert (site / rel).read_bytes() == (ROOT / rel).read_bytes()
 
 
+def test_the_api_index_lists_every_public_name_with_its_module(site: Path) -> None:
+    import codebook_lens
+
+    page = (site / "reference" / "index.html").read_text()
+    assert "<!-- public-api -->" not in page  # the marker was replaced
+    for name in codebook_lens.__all__:
+        assert f"<td><code>{name}</code></td>" in page, f"codebook_lens.{name} is not listed"
+    # a documented object links to its entry on its subpackage's page
+    assert 'href="core/#codebook_lens.core.model.CodebookModel"' in page
+
+
 def test_configuration_tables_are_generated_from_the_dataclasses(site: Path) -> None:
     page = (site / "guides" / "configuration" / "index.html").read_text()
-    assert "config-keys" not in page  # every marker was replaced
+    assert "<!-- config-keys" not in page  # every marker was replaced
     assert "<code>optim.codebook_lr</code>" in page
     assert "<code>codebook.mlp_num_codes</code>" in page
 
