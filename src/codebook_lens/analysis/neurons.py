@@ -114,19 +114,53 @@ def neuron_curve(
     a function of recall bounds what any code can gain over neurons: a code of recall r
     leads by at most 1 minus the best neuron's precision at r.
     """
-    recalls = [float(r) for r in recalls]
-    if not recalls:
-        raise SearchError("recalls must name at least one recall")
-    for recall in recalls:
-        if not 0.0 < recall <= 1.0:
-            raise SearchError(f"recall must be in (0, 1], got {recall}")
+    return neuron_curves(
+        cache,
+        [positives],
+        [recalls],
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        sample_positives=sample_positives,
+        with_codebooks=with_codebooks,
+        seed=seed,
+    )[0]
+
+
+def neuron_curves(
+    cache: CodeCache,
+    positives: Sequence[np.ndarray],
+    recalls: Sequence[Sequence[float]],
+    *,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    sample_positives: int = 1024,
+    with_codebooks: bool = False,
+    seed: int = 0,
+) -> list[list[list[NeuronScore]]]:
+    """:func:`neuron_curve` of several token masks (``positives[i]`` at ``recalls[i]``)
+    in the same two streamed passes: the model runs once over the blocks that hold a
+    sampled matching token of any mask, then once over every block. Returns, per mask,
+    what :func:`neuron_curve` returns for it (each mask's sample is drawn as it draws it).
+    """
+    if len(positives) != len(recalls):
+        raise SearchError(f"{len(positives)} token masks but {len(recalls)} lists of recalls")
+    recalls = [[float(r) for r in rs] for rs in recalls]
+    for rs in recalls:
+        if not rs:
+            raise SearchError("recalls must name at least one recall")
+        for recall in rs:
+            if not 0.0 < recall <= 1.0:
+                raise SearchError(f"recall must be in (0, 1], got {recall}")
     n = cache.num_tokens if max_tokens is None else min(max_tokens, cache.num_tokens)
     seq_len = int(cache.manifest["seq_len"])
-    pos_rows = np.flatnonzero(positives[:n])
-    if pos_rows.size == 0:
-        raise SearchError("no token matches, so no neuron can be scored")
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(pos_rows, size=min(sample_positives, pos_rows.size), replace=False))
+    samples = []
+    for mask in positives:
+        pos_rows = np.flatnonzero(mask[:n])
+        if pos_rows.size == 0:
+            raise SearchError("no token matches, so no neuron can be scored")
+        rng = np.random.default_rng(seed)
+        size = min(sample_positives, pos_rows.size)
+        samples.append(np.sort(rng.choice(pos_rows, size=size, replace=False)))
     loaded = cache.model()
     model = loaded.model
     device = next(model.parameters()).device
@@ -150,56 +184,70 @@ def neuron_curve(
         finally:
             grab.remove()
 
-    # pass 1: activations of the sampled positives
-    blocks = sorted({int(r) // seq_len * seq_len for r in sample})
-    pos_acts: dict[str, list[torch.Tensor]] = {}
-    sample_set = set(sample.tolist())
+    # pass 1: activations of the sampled positives of every mask
+    blocks = sorted({int(r) // seq_len * seq_len for sample in samples for r in sample})
+    pos_acts: list[dict[str, list[torch.Tensor]]] = [{} for _ in samples]
     for rows, acts in run(blocks, "neurons: matching tokens"):
-        sel = torch.from_numpy(np.fromiter((r in sample_set for r in rows), bool, len(rows)))
-        for name, a in acts.items():
-            pos_acts.setdefault(name, []).append(a[sel].cpu())
-    need = torch.tensor([max(1, math.ceil(r * len(sample))) for r in recalls]) - 1
-    hi_t, lo_t = {}, {}  # (R, F) per site: `need` positives are >= (hi) or <= (lo) it
-    for name, parts in pos_acts.items():
-        a = torch.cat(parts)  # (P, F)
-        hi_t[name] = a.sort(0, descending=True).values[need]
-        lo_t[name] = a.sort(0).values[need]
+        for sample, found in zip(samples, pos_acts, strict=True):
+            sel = torch.from_numpy(np.isin(rows, sample))
+            if not bool(sel.any()):
+                continue
+            for name, a in acts.items():
+                found.setdefault(name, []).append(a[sel].cpu())
+    hi_t: list[dict[str, torch.Tensor]] = []  # per mask, (R, F) per site: `need` positives
+    lo_t: list[dict[str, torch.Tensor]] = []  # are >= (hi) or <= (lo) it
+    for sample, found, rs in zip(samples, pos_acts, recalls, strict=True):
+        need = torch.tensor([max(1, math.ceil(r * len(sample))) for r in rs]) - 1
+        hi, lo = {}, {}
+        for name, parts in found.items():
+            a = torch.cat(parts)  # (P, F)
+            hi[name] = a.sort(0, descending=True).values[need]
+            lo[name] = a.sort(0).values[need]
+        hi_t.append(hi)
+        lo_t.append(lo)
     del pos_acts
 
-    # pass 2: count every token past each threshold
+    # pass 2: count every token past each threshold, for every mask
     all_blocks = list(range(0, n, seq_len))
-    stats = {name: torch.zeros(4, *t.shape, dtype=torch.int64) for name, t in hi_t.items()}
-    pos_mask = torch.from_numpy(positives[:n].copy())
+    stats = [
+        {name: torch.zeros(4, *t.shape, dtype=torch.int64) for name, t in hi.items()} for hi in hi_t
+    ]
+    masks = [torch.from_numpy(np.ascontiguousarray(m[:n])) for m in positives]
     for rows, acts in run(all_blocks, "neurons: all tokens"):
-        is_pos = pos_mask[torch.from_numpy(rows)].view(-1, 1, 1)
-        for name, a in acts.items():
-            a = a.cpu().unsqueeze(1)  # (N, 1, F) against (R, F) thresholds
-            above = a >= hi_t[name]
-            below = a <= lo_t[name]
-            s = stats[name]
-            s[0] += above.sum(0)
-            s[1] += (above & is_pos).sum(0)
-            s[2] += below.sum(0)
-            s[3] += (below & is_pos).sum(0)
-    n_pos = int(pos_mask.sum())
-    curve = []
-    for j in range(len(recalls)):
-        out = []
-        for name, s in stats.items():
-            best = None
-            signs = ((1, s[0], s[1], hi_t[name]), (-1, s[2], s[3], lo_t[name]))
-            for sign, total, tp, thr in signs:
-                precision = tp[j].double() / total[j].clamp(min=1).double()
-                i = int(precision.argmax())
-                cand = NeuronScore(
-                    name, i, sign, float(thr[j, i]), float(precision[i]), int(tp[j, i]) / n_pos
-                )
-                if best is None or cand.precision > best.precision:
-                    best = cand
-            out.append(best)
-        out.sort(key=lambda s: -s.precision)
-        curve.append(out)
-    return curve
+        index = torch.from_numpy(rows)
+        for mask, hi, lo, stat in zip(masks, hi_t, lo_t, stats, strict=True):
+            is_pos = mask[index].view(-1, 1, 1)
+            for name, a in acts.items():
+                a = a.cpu().unsqueeze(1)  # (N, 1, F) against (R, F) thresholds
+                above = a >= hi[name]
+                below = a <= lo[name]
+                s = stat[name]
+                s[0] += above.sum(0)
+                s[1] += (above & is_pos).sum(0)
+                s[2] += below.sum(0)
+                s[3] += (below & is_pos).sum(0)
+    curves = []
+    for mask, hi, lo, stat, rs in zip(masks, hi_t, lo_t, stats, recalls, strict=True):
+        n_pos = int(mask.sum())
+        curve = []
+        for j in range(len(rs)):
+            out = []
+            for name, s in stat.items():
+                best = None
+                signs = ((1, s[0], s[1], hi[name]), (-1, s[2], s[3], lo[name]))
+                for sign, total, tp, thr in signs:
+                    precision = tp[j].double() / total[j].clamp(min=1).double()
+                    i = int(precision.argmax())
+                    cand = NeuronScore(
+                        name, i, sign, float(thr[j, i]), float(precision[i]), int(tp[j, i]) / n_pos
+                    )
+                    if best is None or cand.precision > best.precision:
+                        best = cand
+                out.append(best)
+            out.sort(key=lambda s: -s.precision)
+            curve.append(out)
+        curves.append(curve)
+    return curves
 
 
 def code_curve(scores: Sequence[CodeScore], recalls: Sequence[float]) -> list[CodeScore | None]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from codebook_lens.analysis.neurons import codes_vs_neurons
+from codebook_lens.analysis.neurons import code_curve, neuron_curves
 from codebook_lens.analysis.search import matching_tokens, score_codes
 from codebook_lens.cache.store import CodeCache
 from codebook_lens.core.model import CodebookModel
@@ -97,37 +97,52 @@ def frequencies(cache: CodeCache) -> tuple[dict[str, float], dict]:
 
 
 def regex_comparisons(
-    cache: CodeCache, regexes: Sequence[Regex], m: MeasureSection
+    cache: CodeCache, regexes: Sequence[Regex], m: MeasureSection, batch_size: int = 32
 ) -> tuple[list[RegexComparison], dict[str, list[dict]]]:
     """Each regex's code (:func:`~.measures.regex_code`) against the best single neuron
     of the same network (codebooks off) at the code's recall, and both along
-    ``m.recalls`` (the most precise code of at least that recall, the best neuron at it)."""
-    rows: list[RegexComparison] = []
-    curves: dict[str, list[dict]] = {}
-    for regex in tqdm(regexes, desc="regexes: codes against neurons", unit="regex"):
+    ``m.recalls`` (the most precise code of at least that recall, the best neuron at it).
+    The neurons of every regex are scored in the same two passes over the cache."""
+    found = []
+    for regex in tqdm(regexes, desc="regexes: scoring codes", unit="regex"):
         positives = matching_tokens(cache, regex.pattern)
-        matches = int(positives.sum())
-        if matches == 0:
-            rows.append(RegexComparison(regex.name, regex.pattern, 0, None, None))
+        if not positives.any():
+            found.append((regex, positives, [], None))
             continue
         scores = score_codes(cache, positives, limit=None)
-        code = regex_code(scores, m.min_count, m.min_recall)
-        recalls = ([code.recall] if code is not None else []) + list(m.recalls)
-        points = codes_vs_neurons(
-            cache, positives, scores, recalls, sample_positives=m.neuron_sample, seed=m.seed
-        )
-        neuron = points[0].neuron if code is not None else None
+        found.append((regex, positives, scores, regex_code(scores, m.min_count, m.min_recall)))
+    scored = [f for f in found if f[1].any()]
+    recalls = [([code.recall] if code is not None else []) + list(m.recalls) for *_, code in scored]
+    curves_of = neuron_curves(
+        cache,
+        [positives for _, positives, _, _ in scored],
+        recalls,
+        batch_size=batch_size,
+        sample_positives=m.neuron_sample,
+        seed=m.seed,
+    )
+    neurons = {f[0].name: (f, rs, c) for f, rs, c in zip(scored, recalls, curves_of, strict=True)}
+    rows: list[RegexComparison] = []
+    curves: dict[str, list[dict]] = {}
+    for regex, positives, scores, code in found:
+        matches = int(positives.sum())
+        if regex.name not in neurons:
+            rows.append(RegexComparison(regex.name, regex.pattern, matches, None, None))
+            continue
+        _, rs, curve = neurons[regex.name]
+        neuron = curve[0][0] if code is not None else None
         rows.append(RegexComparison(regex.name, regex.pattern, matches, code, neuron))
-        grid = points[1:] if code is not None else points
+        grid = list(zip(rs, curve, strict=True))[1 if code is not None else 0 :]
+        picks = code_curve(scores, [r for r, _ in grid])
         curves[regex.name] = [
             {
-                "recall": p.recall,
-                "neuron": f"{p.neuron.site}[{p.neuron.neuron}]",
-                "neuron_precision": p.neuron.precision,
-                "code": None if p.code is None else str(p.code.ref),
-                "code_precision": None if p.code is None else p.code.precision,
-                "code_recall": None if p.code is None else p.code.recall,
+                "recall": r,
+                "neuron": f"{sites[0].site}[{sites[0].neuron}]",
+                "neuron_precision": sites[0].precision,
+                "code": None if pick is None else str(pick.ref),
+                "code_precision": None if pick is None else pick.precision,
+                "code_recall": None if pick is None else pick.recall,
             }
-            for p in grid
+            for (r, sites), pick in zip(grid, picks, strict=True)
         ]
     return rows, curves

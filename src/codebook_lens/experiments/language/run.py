@@ -51,7 +51,11 @@ from codebook_lens.experiments.language.files import load_regexes, load_topics
 from codebook_lens.experiments.language.measures import lead_summary
 from codebook_lens.experiments.language.metrics import METRIC_KEYS
 from codebook_lens.experiments.language.report import lm_report
-from codebook_lens.experiments.language.steer import steer_topic, steering_summary
+from codebook_lens.experiments.language.steer import (
+    sample_unsteered,
+    steer_topic,
+    steering_summary,
+)
 from codebook_lens.training.config import to_dict
 from codebook_lens.training.loop import TrainData, train
 
@@ -275,8 +279,11 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
     t0 = time.perf_counter()
     log(f"steering {len(topics)} topics at strength {cfg.steer.strength:g}")
     results = []
+    unsteered = sample_unsteered(model, loaded.codec, prompts, cfg.steer)
     for topic in topics:
-        results.append(steer_topic(model, loaded.codec, cache, prompts, topic, cfg.steer))
+        results.append(
+            steer_topic(model, loaded.codec, cache, prompts, topic, cfg.steer, unsteered)
+        )
         r = results[-1]
         log(
             f"  {r.name}: {100 * r.baseline_share:.0f}% -> {100 * r.steered_share:.0f}% on "

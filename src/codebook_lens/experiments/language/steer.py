@@ -3,7 +3,9 @@
 For each topic: its codes are found over the code cache (from its words, or from its
 passage as the paper did), the best few of every codebook are forced on at every
 position at the configured strength, and continuations of the shared prompts are
-sampled with and without them from the same seeds. Reported per topic: the share of
+sampled with and without them from the same seeds, as
+:func:`codebook_lens.steering.sampling.steering_eval` does (the unsteered samples are
+drawn once and shared by every topic). Reported per topic: the share of
 samples on topic, steered and unsteered, and the fluency cost (the unsteered model's
 mean loss per token on the steered samples minus that on the unsteered ones).
 """
@@ -27,7 +29,8 @@ from codebook_lens.experiments.language.measures import (
     logits_fn,
     topic_share,
 )
-from codebook_lens.steering.sampling import generate, steering_eval
+from codebook_lens.steering.intervene import Intervention
+from codebook_lens.steering.sampling import generate
 
 
 def per_group(refs: Sequence[CodeRef], n: int) -> list[CodeRef]:
@@ -102,6 +105,32 @@ def _nll(model: CodebookModel, codec: TextCodec, prompts, texts) -> tuple[float,
     return total, count
 
 
+@dataclass
+class Unsteered:
+    """The unsteered samples of the prompts (the same for every topic: same seeds) and
+    the unsteered model's summed loss on them."""
+
+    texts: list[list[str]]
+    nll: tuple[float, int]
+
+
+def sample_unsteered(
+    model: CodebookModel, codec: TextCodec, prompts: list[str], cfg: SteerSection
+) -> Unsteered:
+    """Sample every prompt without intervention, as
+    :func:`codebook_lens.steering.sampling.steering_eval` does."""
+    texts = generate(
+        model,
+        prompts,
+        codec,
+        samples=cfg.samples_per_prompt,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+    )
+    return Unsteered(texts, _nll(model, codec, prompts, texts))
+
+
 def steer_topic(
     model: CodebookModel,
     codec: TextCodec,
@@ -109,47 +138,40 @@ def steer_topic(
     prompts: list[str],
     topic: Topic,
     cfg: SteerSection,
+    unsteered: Unsteered | None = None,
 ) -> TopicResult:
-    """Steer one topic: select its codes, sample with and without them, measure. A
-    topic for which no code qualifies is sampled without any (its steered samples are
-    its unsteered ones)."""
+    """Steer one topic: select its codes, sample with them forced on from the seeds of
+    the ``unsteered`` samples (drawn here when not given), measure both. A topic for
+    which no code qualifies keeps its unsteered samples."""
+    if unsteered is None:
+        unsteered = sample_unsteered(model, codec, prompts, cfg)
     codes = select_codes(cache, topic, cfg)
-    sampling = {
-        "max_new_tokens": cfg.max_new_tokens,
-        "temperature": cfg.temperature,
-        "seed": cfg.seed,
-    }
+    steered_texts, steered = unsteered.texts, unsteered.nll
     if codes:
-        result = steering_eval(
+        steered_texts = generate(
             model,
-            codec,
-            codes,
             prompts,
-            samples_per_prompt=cfg.samples_per_prompt,
-            words=topic.words,
-            mode=cfg.mode,
-            strength=cfg.strength,
-            progress=False,
-            **sampling,
+            codec,
+            samples=cfg.samples_per_prompt,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+            intervention=Intervention(codes, mode=cfg.mode, strength=cfg.strength),
         )
-        unsteered, steered_texts = result.baseline, result.steered
-    else:  # the same seeds: these are the samples steering_eval draws unsteered
-        unsteered = generate(model, prompts, codec, samples=cfg.samples_per_prompt, **sampling)
-        steered_texts = unsteered
-    baseline = _nll(model, codec, prompts, unsteered)
-    steered = _nll(model, codec, prompts, steered_texts)
+        steered = _nll(model, codec, prompts, steered_texts)
+    baseline = unsteered.nll
     return TopicResult(
         name=topic.name,
         words=list(topic.words),
         codes=[str(c) for c in codes],
-        baseline_share=topic_share([t for row in unsteered for t in row], topic.words),
+        baseline_share=topic_share([t for row in unsteered.texts for t in row], topic.words),
         steered_share=topic_share([t for row in steered_texts for t in row], topic.words),
         baseline_loss=baseline[0] / max(baseline[1], 1),
         steered_loss=steered[0] / max(steered[1], 1),
         fluency_cost=fluency_cost(steered, baseline),
         samples=[
             {"prompt": p, "baseline": b, "steered": s}
-            for p, b, s in zip(prompts, unsteered, steered_texts, strict=True)
+            for p, b, s in zip(prompts, unsteered.texts, steered_texts, strict=True)
         ],
     )
 

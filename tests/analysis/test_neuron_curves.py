@@ -1,0 +1,42 @@
+"""Several regexes' neuron curves in one pair of passes equal each regex's own curve."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import corpus_text, save_tiny_codebook_model
+
+from codebook_lens.analysis.neurons import neuron_curve, neuron_curves
+from codebook_lens.analysis.search import SearchError, matching_tokens
+from codebook_lens.cache.build import build_cache
+from codebook_lens.cache.store import CodeCache
+from codebook_lens.core.loading import load_codebook_model
+
+PATTERNS = [r"\b(19|20)\d\d\b", r"\b(January|February|March|April|May|June)\b", r"[a-z]s\b"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("curves")
+    loaded = load_codebook_model(save_tiny_codebook_model(root))
+    docs = [corpus_text(10, seed=s) for s in range(3)]
+    build_cache(loaded, docs, root / "cache", corpus_name="t", seq_len=16, batch_size=16)
+    return CodeCache.open(root / "cache")
+
+
+def test_neuron_curves_equal_one_curve_per_mask(cache):
+    masks = [matching_tokens(cache, p) for p in PATTERNS]
+    recalls = [[0.3, 1.0], [0.5], [0.2, 0.6, 0.9]]
+    together = neuron_curves(cache, masks, recalls, batch_size=3, sample_positives=7, seed=4)
+    for mask, rs, got in zip(masks, recalls, together, strict=True):
+        alone = neuron_curve(cache, mask, rs, batch_size=5, sample_positives=7, seed=4)
+        assert [[s.to_dict() for s in sites] for sites in got] == [
+            [s.to_dict() for s in sites] for sites in alone
+        ]
+
+
+def test_neuron_curves_refuse_mismatched_arguments(cache):
+    mask = matching_tokens(cache, PATTERNS[0])
+    with pytest.raises(SearchError, match="2 token masks but 1 lists"):
+        neuron_curves(cache, [mask, mask], [[0.5]])
+    with pytest.raises(SearchError, match="no token matches"):
+        neuron_curves(cache, [mask, mask & False], [[0.5], [0.5]])
