@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from codebook_lens.cli.args import (
@@ -23,6 +24,7 @@ from codebook_lens.cli.args import (
     positive_int,
     print_json,
 )
+from codebook_lens.core.cpu import describe_cpu
 from codebook_lens.core.errors import CodebookLensError
 from codebook_lens.core.files import check_output_dir, check_output_file
 
@@ -45,10 +47,11 @@ def _train(args: argparse.Namespace) -> int:
 def _fsm(args: argparse.Namespace) -> int:
     from codebook_lens.experiments.tokfsm.run import load_fsm_config, run
 
+    started = time.perf_counter()
     cfg = load_fsm_config(args.preset, args.overrides)
     out = check_output_dir(args.out or f"runs/tokfsm-{args.preset}", "--out directory")
     metrics = run(cfg, out)
-    _print_fsm_summary(metrics, out)
+    _print_fsm_summary(metrics, out, time.perf_counter() - started)
     return 0
 
 
@@ -59,6 +62,7 @@ def _demo(args: argparse.Namespace) -> int:
         return demo_lm(args.out or "runs/demo-lm", args.overrides[1:])
     from codebook_lens.experiments.tokfsm.run import load_fsm_config, run
 
+    started = time.perf_counter()
     args.out = args.out or "runs/demo"
     cfg = load_fsm_config("demo", args.overrides)
     check_output_dir(args.out, "--out directory")
@@ -69,11 +73,14 @@ def _demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     metrics = run(cfg, args.out)
-    _print_fsm_summary(metrics, args.out)
+    _print_fsm_summary(metrics, args.out, time.perf_counter() - started)
     return 0
 
 
-def _print_fsm_summary(m: dict, out: str | Path) -> None:
+def _print_fsm_summary(m: dict, out: str | Path, elapsed: float) -> None:
+    """The figures of a TokFSM run, then where its time went and the CPU it ran on
+    (``elapsed``: seconds since the command started, imports and report included)."""
+
     def pct(key: str) -> str:
         return f"{100 * m[key]:6.2f}%"
 
@@ -119,8 +126,13 @@ def _print_fsm_summary(m: dict, out: str | Path) -> None:
         if f"jsd.{sites}" in m:
             label = f"JSD after swap ({sites})"
             print(f"  {label:<22}{'':>10}{m[f'jsd.{sites}']:12.3f}  (none = 1)")
-    minutes = sum(v for k, v in m.items() if k.startswith("seconds.")) / 60
-    print(f"\n  {minutes:.1f} min; report: {Path(out, 'report.html').resolve()}")
+    stages = [("base", "base"), ("codebook", "codebook"), ("analysis", "measuring")]
+    times = ", ".join(
+        f"{label} {m[f'seconds.{key}'] / 60:.1f}" for key, label in stages if f"seconds.{key}" in m
+    )
+    print(f"\n  {'time (min)':<22}{times}; end to end {elapsed / 60:.1f}")
+    print(f"  {'CPU':<22}{describe_cpu()}")
+    print(f"  {'report':<22}{Path(out, 'report.html').resolve()}")
 
 
 def _intervention_from(args: argparse.Namespace, codes: list):

@@ -115,6 +115,23 @@ def neuron_precision_at_recall(
     the threshold that are state s. Returns per state: precision, neuron name, index.
     ``trigram=True``: the classes of :func:`best_codes_per_state` with ``trigram``.
     """
+    return neuron_precision_at_recalls(fsm, tokens, acts, [recalls], trigram)[0]
+
+
+def neuron_precision_at_recalls(
+    fsm: FSM,
+    tokens: torch.Tensor,
+    acts: dict[str, torch.Tensor],
+    recall_sets: list[list[float]],
+    trigram: bool = False,
+) -> list[list[dict]]:
+    """:func:`neuron_precision_at_recall` for each list of recalls in ``recall_sets``,
+    reading the activations once.
+
+    The count of positions over each class's threshold comes from each neuron's
+    sorted values (a binary search per class and neuron) rather than from a pass over
+    every position per class; the counts, and so the results, are the same.
+    """
     labels, _ = _class_labels(fsm, tokens, trigram)
     mask = labels >= 0
     states = labels[mask]
@@ -122,24 +139,47 @@ def neuron_precision_at_recall(
     widths = [acts[n].shape[-1] for n in names]
     matrix = torch.cat([acts[n][mask] for n in names], dim=1)  # (M, F)
     matrix = torch.cat([matrix, -matrix], dim=1)
-    results = []
-    for s in range(len(recalls)):
-        pos = states == s
-        n_pos = int(pos.sum())
-        if n_pos == 0 or recalls[s] <= 0:
-            results.append({"precision": float("nan"), "neuron": None})
-            continue
-        need = max(1, math.ceil(recalls[s] * n_pos - 1e-9))
-        threshold = matrix[pos].topk(need, dim=0).values[-1]  # (2F,)
-        over = matrix >= threshold
-        fired = over.sum(0).double()
-        true = over[pos].sum(0).double()
-        precision = true / fired.clamp(min=1)
-        best = int(precision.argmax())
-        results.append(
-            {"precision": float(precision[best]), "neuron": _neuron_name(best, names, widths)}
-        )
+    jobs: list[tuple[int, int, torch.Tensor]] = []  # (recall set, class, its rows)
+    thresholds, true = [], []
+    for r, recalls in enumerate(recall_sets):
+        for s in range(len(recalls)):
+            pos = states == s
+            n_pos = int(pos.sum())
+            if n_pos == 0 or recalls[s] <= 0:
+                continue
+            need = max(1, math.ceil(recalls[s] * n_pos - 1e-9))
+            rows = matrix[pos]
+            threshold = rows.topk(need, dim=0).values[-1]  # (2F,)
+            jobs.append((r, s, threshold))
+            thresholds.append(threshold)
+            true.append((rows >= threshold).sum(0))
+    results: list[list[dict]] = [
+        [{"precision": float("nan"), "neuron": None} for _ in recalls] for recalls in recall_sets
+    ]
+    if not jobs:
+        return results
+    fired = _count_at_least(matrix, torch.stack(thresholds)).double()
+    precision = torch.stack(true).double() / fired.clamp(min=1)  # (jobs, 2F)
+    best = precision.argmax(1)
+    for j, (r, s, _) in enumerate(jobs):
+        b = int(best[j])
+        results[r][s] = {
+            "precision": float(precision[j, b]),
+            "neuron": _neuron_name(b, names, widths),
+        }
     return results
+
+
+def _count_at_least(matrix: torch.Tensor, thresholds: torch.Tensor, chunk: int = 256):
+    """``(J, F)`` counts: how many rows of ``matrix`` (``(M, F)``) are at least
+    ``thresholds[j, f]`` in column f; columns are sorted a chunk at a time."""
+    m, f = matrix.shape
+    counts = torch.empty(thresholds.shape, dtype=torch.long)
+    for i in range(0, f, chunk):
+        column = matrix[:, i : i + chunk].T.contiguous().sort(dim=1).values  # (c, M)
+        below = torch.searchsorted(column, thresholds[:, i : i + chunk].T.contiguous())
+        counts[:, i : i + chunk] = (m - below).T
+    return counts
 
 
 def _neuron_name(index: int, names: list[str], widths: list[int]) -> str:
@@ -176,16 +216,17 @@ def state_classification(
     per_code = best_codes_per_state(fsm, tokens, codes, num_codes, trigram)
     recalls = [c.get("recall", 0.0) for c in per_code]
     outputs = {k: v for k, v in base_acts.items() if not k.endswith("_hidden")}
-    per_neuron = neuron_precision_at_recall(fsm, tokens, outputs, recalls, trigram)
+    # the best output neuron when it must catch every position of the class: no code
+    # (precision at most 1) can lead it by more than 1 minus this, whatever its recall
+    full = [1.0 if r > 0 else 0.0 for r in recalls]
+    per_neuron, per_full = neuron_precision_at_recalls(
+        fsm, tokens, outputs, [recalls, full], trigram
+    )
     per_hidden = (
         neuron_precision_at_recall(fsm, tokens, base_acts, recalls, trigram)
         if len(outputs) < len(base_acts)
         else per_neuron
     )
-    # the best output neuron when it must catch every position of the class: no code
-    # (precision at most 1) can lead it by more than 1 minus this, whatever its recall
-    full = [1.0 if r > 0 else 0.0 for r in recalls]
-    per_full = neuron_precision_at_recall(fsm, tokens, outputs, full, trigram)
     states = [s for s in range(len(recalls)) if recalls[s] > 0]
 
     def mean(values):
