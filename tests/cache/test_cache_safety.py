@@ -263,6 +263,7 @@ def test_a_sequence_past_the_models_positions_is_refused_before_any_work(
 ):
     out = tmp_path / "cache"
     args = ["cache", str(tiny_code_cache[0]), "--out", str(out), "--seq-len", "1000"]
+    args += ["--max-tokens", "3000"]
     assert main(args) == 2
     assert "--seq-len 1000 needs 1000 positions" in one_line_error(capsys)
     assert not out.exists() and not (tmp_path / "cache.partial").exists()

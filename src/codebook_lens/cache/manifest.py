@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tokenize
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,17 @@ FORMAT_NAME = "codebook-lens-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# what numpy's parser of a .npy header (a Python literal, read with ast and tokenize)
+# raises on a damaged one
+_HEADER_ERRORS = (
+    ValueError,
+    EOFError,
+    SyntaxError,
+    TypeError,
+    KeyError,
+    RecursionError,
+    tokenize.TokenError,
+)
 
 
 class CacheError(CodebookLensError):
@@ -187,8 +199,8 @@ def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
         size = path.stat().st_size
     except FileNotFoundError:
         raise CacheError(f"{path} is missing") from None
-    except (OSError, ValueError, EOFError, SyntaxError, TypeError) as err:
-        raise CacheError(f"{path} is not a readable .npy array ({err})") from None
+    except (*_HEADER_ERRORS, OSError) as err:
+        raise CacheError(f"{path} is not a readable .npy array ({err!r})") from None
     if fortran or dtype.hasobject:
         raise CacheError(f"{path} is not a plain C-ordered numeric array")
     need = offset + math.prod(shape) * dtype.itemsize

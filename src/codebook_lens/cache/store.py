@@ -51,7 +51,7 @@ from codebook_lens.cache.manifest import (
     code_dtype,
     read_manifest,
 )
-from codebook_lens.core.loading import Loaded, load_codebook_model
+from codebook_lens.core.loading import Loaded, context_length, load_codebook_model
 from codebook_lens.core.refs import CodeRef, check_ref
 
 __all__ = [
@@ -187,25 +187,34 @@ class CodeCache:
             )
         return found
 
-    def _read_parquet(self, name: str, columns: list[str], rows: int) -> dict[str, Any]:
-        """Columns of ``name`` (a parquet file of the cache), each with ``rows`` values."""
+    def _read_parquet(self, name: str, column: str, rows: int) -> np.ndarray | list:
+        """One column of ``name`` (a parquet file of the cache) with ``rows`` values: an
+        integer array, or a list of strings for a text column."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         path = self._file(name)
         try:
-            table = pq.read_table(path, columns=columns)
-        except (OSError, ValueError, pa.ArrowException) as err:
+            table = pq.read_table(path, columns=[column])
+            if table.num_rows != rows:
+                raise CacheError(f"{path} has {table.num_rows:,} rows; the manifest says {rows:,}")
+            values = table.column(column)
+            if pa.types.is_integer(values.type) and values.null_count == 0:
+                return values.to_numpy()
+            if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+                texts = values.to_pylist()
+                if all(isinstance(t, str) for t in texts):
+                    return texts
+        except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+            if isinstance(err, CacheError):
+                raise
             raise CacheError(f"{path} cannot be read: {err}") from None
-        if table.num_rows != rows:
-            raise CacheError(f"{path} has {table.num_rows:,} rows; the manifest says {rows:,}")
-        return {c: table.column(c) for c in columns}
+        raise CacheError(f"{path}: {column} holds values of type {values.type} or nulls")
 
     def _column(self, name: str) -> np.ndarray:
         if name not in self._columns:
-            column = self._read_parquet("tokens.parquet", [name], self.num_tokens)[name]
-            values = column.to_numpy() if column.null_count == 0 else None
-            if values is None or values.dtype.kind not in "iu":
+            values = self._read_parquet("tokens.parquet", name, self.num_tokens)
+            if not isinstance(values, np.ndarray):
                 raise CacheError(f"{self.path / 'tokens.parquet'}: {name} must hold integers")
             self._columns[name] = values
         if name not in self._checked:
@@ -256,10 +265,9 @@ class CodeCache:
     @property
     def docs(self) -> list[str]:
         if self._docs is None:
-            text = self._read_parquet("docs.parquet", ["text"], self.num_docs)["text"]
-            docs = text.to_pylist()
-            if not all(isinstance(d, str) for d in docs):
-                raise CacheError(f"{self.path / 'docs.parquet'}: every text must be a string")
+            docs = self._read_parquet("docs.parquet", "text", self.num_docs)
+            if not isinstance(docs, list):
+                raise CacheError(f"{self.path / 'docs.parquet'}: text must hold strings")
             self._docs = docs
         return self._docs
 
@@ -469,6 +477,12 @@ def check_model_fits(cache: CodeCache, loaded: Loaded) -> None:
                 f"codebook {key} has {cb.groups} group(s) of {cb.num_codes} codes in the model "
                 f"but {info.groups} of {info.num_codes} in the cache"
             )
+    length = context_length(loaded)
+    if length is not None and cache.manifest["seq_len"] > length:
+        raise CacheError(
+            f"the cache {cache.path} was built in blocks of {cache.manifest['seq_len']} tokens; "
+            f"the model {loaded.source} has {length} positions"
+        )
     recorded = cache.manifest.get("codebook_digest")
     if recorded is None:
         return
