@@ -68,10 +68,26 @@ def kmeans_plus_plus(
         weights = d2.clamp(min=0).double()
         empty = weights.sum(-1) <= 0
         weights[empty] = 1.0  # every sample already a seed: draw uniformly
-        pick = torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(-1).to(a.device)
+        pick = weighted_draw(weights.cpu(), generator).to(a.device)
         seeds[:, j] = ag[rows, pick]
         d2 = torch.minimum(d2, dist2(seeds[:, j]))
     if n < num:
         jitter = torch.randn(seeds.shape, generator=generator).to(a.device)
         seeds += 1e-3 * seeds.norm(dim=-1, keepdim=True).clamp(min=1e-6) * jitter
     return seeds
+
+
+def weighted_draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``weights`` (``(G, N)``, non-negative, each row summing to
+    more than 0), index i with probability ``weights[g, i] / weights[g].sum()``.
+
+    Inverse-CDF sampling: one uniform number per row against the running sum, O(N) per
+    row (``torch.multinomial`` took about 0.1 s per draw from 4 x 32,768 weights here,
+    which made k-means++ seeding of a few thousand codes take minutes). A zero weight is
+    never drawn.
+    """
+    cdf = weights.double().cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64) * total
+    pick = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    return pick.clamp_(max=weights.shape[-1] - 1)
