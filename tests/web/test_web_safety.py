@@ -49,8 +49,7 @@ def test_a_bug_in_a_handler_is_a_logged_500_with_the_security_headers(app, caplo
     assert "a bug" not in page.text  # no internals shown
     assert any(r.exc_info and r.exc_info[0] is type(bug) for r in caplog.records)
 
-
-def test_a_users_mistake_raised_anywhere_is_a_400(app):
+    # the same place raising a user's mistake is a 400 that says what is wrong
     def refuse(*args, **kwargs):
         raise CodebookLensError("the corpus of this cache is gone")
 
