@@ -11,25 +11,21 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
+from fastapi.testclient import TestClient
 
-pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from codebook_lens.analysis.search import (  # noqa: E402
+from codebook_lens.analysis.search import (
     SearchError,
     logit_effect,
     regex_codes,
     similar_codes,
     topic_codes,
 )
-from codebook_lens.cache.store import CacheError, CodeCache  # noqa: E402
-from codebook_lens.core.loading import load_codebook_model  # noqa: E402
-from codebook_lens.core.refs import CodeRef  # noqa: E402
-from codebook_lens.steering.intervene import Intervention  # noqa: E402
-from codebook_lens.steering.sampling import generate  # noqa: E402
-from codebook_lens.web import create_app  # noqa: E402
-from codebook_lens.web.service import check_model_fits  # noqa: E402
+from codebook_lens.cache.store import CacheError, CodeCache, check_model_fits
+from codebook_lens.core.loading import load_codebook_model
+from codebook_lens.core.refs import CodeRef
+from codebook_lens.steering.intervene import Intervention
+from codebook_lens.steering.sampling import generate
+from codebook_lens.web import create_app
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,11 @@ import logging
 import shutil
 
 import pytest
+from fastapi.testclient import TestClient
 
-pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from codebook_lens.core.errors import CodebookLensError  # noqa: E402
-from codebook_lens.web import create_app  # noqa: E402
-from codebook_lens.web.app import MAX_BODY_BYTES  # noqa: E402
+from codebook_lens.core.errors import CodebookLensError
+from codebook_lens.web import create_app
+from codebook_lens.web.app import MAX_BODY_BYTES
 
 
 @pytest.fixture
