@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from codebook_lens.cache.lock import BuildLock
+from codebook_lens.cache.lock import BuildLock, check_target, install
 from codebook_lens.cache.store import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -275,11 +275,11 @@ def build_cache(
         raise CacheError(f"max_tokens must be positive, got {max_tokens}")
     check_positions(loaded, seq_len, f"seq_len {seq_len}")
     out = Path(out)
-    _check_target(out, overwrite)
+    check_target(out, overwrite)
     partial = out.with_name(out.name + ".partial")
     check_output_dir(partial, "build directory")
     with BuildLock(out.with_name(out.name + ".partial.lock")):
-        _check_target(out, overwrite)  # another build may have finished meanwhile
+        check_target(out, overwrite)  # another build may have finished meanwhile
         if restart and partial.exists():
             shutil.rmtree(partial)
         return _build(
@@ -293,32 +293,6 @@ def build_cache(
             batch_size,
             stop_after_batches,
         )
-
-
-def _check_target(out: Path, overwrite: bool) -> None:
-    check_output_dir(out, "cache directory")
-    if out.exists():
-        if not overwrite:
-            raise CacheError(f"{out} exists; pass overwrite to replace it")
-        if not (out / MANIFEST).is_file():
-            raise CacheError(f"{out} exists and is not a code cache; refusing to replace it")
-
-
-def _install(partial: Path, out: Path) -> None:
-    """Move the finished build in as ``out``: an old cache there is moved aside first and
-    removed only once the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(partial, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _build(
@@ -494,7 +468,7 @@ def _build(
     }
     (partial / PROGRESS).unlink()
     _atomic_json(partial / MANIFEST, manifest)
-    _install(partial, out)
+    install(partial, out)
     return BuildResult(
         out,
         total,

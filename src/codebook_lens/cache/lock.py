@@ -1,4 +1,4 @@
-"""One writer per cache build: an exclusive lock beside ``OUT.partial``.
+"""One writer per cache build, and the finished build moved into place.
 
 Two identical ``codebook cache`` commands would otherwise resume the same
 ``OUT.partial`` at once and write the same arrays and progress file over each other.
@@ -6,15 +6,21 @@ Two identical ``codebook cache`` commands would otherwise resume the same
 second build fails at once with a :class:`~codebook_lens.cache.manifest.CacheError`
 that names the process holding it. The kernel drops the lock when its holder dies
 (even on ``kill -9``), so a stale lock file never blocks a rerun.
+
+:func:`check_target` says whether ``OUT`` may be written (``overwrite`` replaces a code
+cache, never another directory), and :func:`install` moves the finished build in: an old
+cache is moved aside first and removed only once the new one is in place.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from pathlib import Path
 
-from codebook_lens.cache.manifest import CacheError
+from codebook_lens.cache.manifest import MANIFEST, CacheError
+from codebook_lens.core.files import check_output_dir
 
 
 class BuildLock:
@@ -58,3 +64,31 @@ class BuildLock:
         finally:
             os.close(self._fd)  # closing releases the lock
             self._fd = None
+
+
+def check_target(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that is a file, that exists without ``overwrite``, or that is a
+    directory other than a code cache (``overwrite`` never removes anything else)."""
+    check_output_dir(out, "cache directory")
+    if out.exists():
+        if not overwrite:
+            raise CacheError(f"{out} exists; pass overwrite to replace it")
+        if not (out / MANIFEST).is_file():
+            raise CacheError(f"{out} exists and is not a code cache; refusing to replace it")
+
+
+def install(partial: Path, out: Path) -> None:
+    """Move the finished build in as ``out``: an old cache there is moved aside first and
+    removed only once the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(partial, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old)

@@ -234,7 +234,7 @@ def read_checkpoint(
 
 
 def check_run(path: Path, run: dict) -> None:
-    """Raise a CheckpointError naming the settings that differ when the checkpoint in
+    """Raise an OtherRunError naming the settings that differ when the checkpoint in
     ``path`` was written by a run other than ``run`` (see :func:`run_record`).
     Checkpoints written before runs were recorded pass."""
     theirs = _meta(path).get("run")
@@ -260,3 +260,59 @@ def newest_readable(
             problems.append(str(err))
             log(f"skipping a damaged checkpoint: {err}")
     raise CheckpointError("no checkpoint could be read: " + "; ".join(problems))
+
+
+def resumable(root: Path, run: dict, resume: bool, max_steps: int) -> list[Path]:
+    """The checkpoints in ``root`` that ``run`` may resume from (oldest first), or a
+    clear error when a fresh run would write among old checkpoints, when ``root`` holds
+    another run's, or when the newest is past ``max_steps``. Reads only the JSON files."""
+    existing = list_checkpoints(root)
+    if not existing:
+        return []
+    if not resume:
+        raise CheckpointError(
+            f"{root} already holds checkpoints (the newest is {existing[-1].name}); pass "
+            "--resume to continue that run, or choose another output_dir"
+        )
+    step = 0
+    for path in existing:
+        try:
+            check_run(path, run)
+        except OtherRunError:
+            raise
+        except CheckpointError:
+            continue  # a damaged checkpoint: resuming skips it
+        step = int(path.name[len(PREFIX) :])
+    if step > max_steps:
+        raise CheckpointError(
+            f"the newest checkpoint in {root} is at step {step}, past schedule.max_steps="
+            f"{max_steps}; raise max_steps to continue it"
+        )
+    return existing
+
+
+def restore(
+    checkpoints: list[Path],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    log: Callable[[str], None],
+) -> tuple[Path, int]:
+    """Load the newest readable of ``checkpoints`` into the model, optimizer, scheduler
+    and random state; returns it and its step."""
+    path, (weights, opt_tensors, rng_tensors, meta) = newest_readable(checkpoints, log)
+    try:
+        _, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model: unexpected {unexpected[:5]}"
+            )
+        optimizer_from_files(optimizer, opt_tensors, meta["optimizer"])
+        scheduler.load_state_dict(meta["scheduler"])
+        set_rng_state(rng_tensors, meta["rng"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        if isinstance(err, CodebookLensError):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {first}") from None
+    return path, meta["step"]

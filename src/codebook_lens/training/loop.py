@@ -293,7 +293,9 @@ def train(
     )
     world, main = accelerator.num_processes, accelerator.is_main_process
     ckpt_root = Path(cfg.output_dir) / "checkpoints"
-    existing = _resumable(ckpt_root, ckpt.run_record(to_dict(cfg)), resume, cfg.schedule.max_steps)
+    existing = ckpt.resumable(
+        ckpt_root, ckpt.run_record(to_dict(cfg)), resume, cfg.schedule.max_steps
+    )
     set_seed(cfg.schedule.seed)
 
     source = dict(source or {})
@@ -330,24 +332,9 @@ def train(
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     if resume and existing:
-        path, (weights, opt_tensors, rng_tensors, meta) = ckpt.newest_readable(
-            existing, print if main else lambda _: None
+        path, start_step = ckpt.restore(
+            existing, model, optimizer, scheduler, print if main else lambda _: None
         )
-        try:
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            if unexpected:
-                raise TrainError(
-                    f"checkpoint {path} does not fit this model: unexpected {unexpected[:5]}"
-                )
-            ckpt.optimizer_from_files(optimizer, opt_tensors, meta["optimizer"])
-            scheduler.load_state_dict(meta["scheduler"])
-            ckpt.set_rng_state(rng_tensors, meta["rng"])
-        except (RuntimeError, KeyError, TypeError, ValueError) as err:
-            if isinstance(err, CodebookLensError):
-                raise
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise TrainError(f"checkpoint {path} does not fit this model: {first}") from None
-        start_step = meta["step"]
         if main:
             print(f"resuming from {path} at step {start_step}")
     elif resume and main:
@@ -367,34 +354,6 @@ def train(
         desc,
         source,
     )
-
-
-def _resumable(root: Path, run: dict, resume: bool, max_steps: int) -> list[Path]:
-    """The checkpoints this run may resume from (oldest first), or a clear error when
-    ``root`` holds another run's, or when a fresh run would write among old ones."""
-    existing = ckpt.list_checkpoints(root)
-    if not existing:
-        return []
-    if not resume:
-        raise TrainError(
-            f"{root} already holds checkpoints (the newest is {existing[-1].name}); pass "
-            "--resume to continue that run, or choose another output_dir"
-        )
-    step = 0
-    for path in existing:
-        try:
-            ckpt.check_run(path, run)
-        except ckpt.OtherRunError:
-            raise
-        except ckpt.CheckpointError:
-            continue  # a damaged checkpoint: resuming skips it
-        step = int(path.name[len(ckpt.PREFIX) :])
-    if step > max_steps:
-        raise TrainError(
-            f"the newest checkpoint in {root} is at step {step}, past schedule.max_steps="
-            f"{max_steps}; raise max_steps to continue it"
-        )
-    return existing
 
 
 def _corpus_data(cfg: TrainConfig, tokenizer) -> TrainData:
