@@ -17,6 +17,7 @@ transition many times), in batches, on the model's device.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Iterator
 
@@ -248,9 +249,12 @@ def next_state_distribution(model, fsm: FSM, prefixes: torch.Tensor, context=Non
     rows, heads = with_heads(fsm, prefixes)
     h = heads.shape[0]
     device = next(model.parameters()).device
-    ctx = context(rows.shape[0]) if context is not None else contextlib.nullcontext()
-    with ctx:
-        logits = model(rows.to(device)).logits[:, t0 - 1 :].float().cpu()
+    lm = model.model if isinstance(model, CodebookModel) else model
+    if context is None and d > 1 and "use_cache" in inspect.signature(lm.forward).parameters:
+        logits = _logits_after_heads(lm, prefixes.to(device), heads.to(device))
+    else:
+        with context(rows.shape[0]) if context is not None else contextlib.nullcontext():
+            logits = model(rows.to(device)).logits[:, t0 - 1 :].float().cpu()
     logp = torch.log_softmax(logits, -1).view(b, h, d, -1)
     head_index = {tuple(r.tolist()): i for i, r in enumerate(heads)}
     out = torch.empty(b, fsm.num_states)
@@ -259,6 +263,23 @@ def next_state_distribution(model, fsm: FSM, prefixes: torch.Tensor, context=Non
         i = head_index[tuple(digits[: d - 1].tolist())]
         out[:, s] = sum(logp[:, i, j, digits[j]] for j in range(d))
     return torch.softmax(out, dim=-1)
+
+
+def _logits_after_heads(lm, prefixes: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """The logits :func:`next_state_distribution` reads, ``(B * h, d, V)`` on the CPU,
+    with each prefix read once: the prefix fills a KV cache that every head continues
+    (instead of reading the prefix again with each of the ``h`` heads). ``lm`` is a
+    transformers causal LM, a codebook model's base with its codebooks attached (they
+    act on the prefix and on each head's positions as in one pass over the row)."""
+    h = heads.shape[0]
+    # the KV cache argument and output are named ``cache`` in newer transformers
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    out = lm(input_ids=prefixes, use_cache=True)
+    cache = getattr(out, name)
+    cache.batch_repeat_interleave(h)
+    first = out.logits[:, -1:].float().cpu().repeat_interleave(h, 0)  # (B * h, 1, V)
+    rest = lm(input_ids=heads.repeat(prefixes.shape[0], 1), use_cache=True, **{name: cache})
+    return torch.cat([first, rest.logits.float().cpu()], dim=1)
 
 
 def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
