@@ -38,8 +38,10 @@ def brute_force(fsm, tokens, acts, recalls, trigram=False):
 def test_count_at_least_matches_comparisons_with_ties():
     gen = torch.Generator().manual_seed(0)
     matrix = torch.randint(-3, 4, (50, 7), generator=gen).float()  # many ties
-    thresholds = torch.randint(-4, 5, (9, 7), generator=gen).float()
-    expected = (matrix.unsqueeze(0) >= thresholds.unsqueeze(1)).sum(1)
+    thresholds = torch.randint(-4, 5, (9, 14), generator=gen).float()
+    # columns 7..13 are the same neurons negated
+    signed = torch.cat([matrix, -matrix], dim=1)
+    expected = (signed.unsqueeze(0) >= thresholds.unsqueeze(1)).sum(1)
     assert torch.equal(C._count_at_least(matrix, thresholds, chunk=3), expected)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from codebook_lens.core import sites as S
@@ -138,19 +139,24 @@ def neuron_precision_at_recalls(
     names = list(acts)
     widths = [acts[n].shape[-1] for n in names]
     matrix = torch.cat([acts[n][mask] for n in names], dim=1)  # (M, F)
-    matrix = torch.cat([matrix, -matrix], dim=1)
-    jobs: list[tuple[int, int, torch.Tensor]] = []  # (recall set, class, its rows)
+    signed = torch.cat([matrix, -matrix], dim=1)  # each neuron either way round: (M, 2F)
+    jobs: list[tuple[int, int]] = []  # (recall set, class)
     thresholds, true = [], []
-    for r, recalls in enumerate(recall_sets):
-        for s in range(len(recalls)):
-            pos = states == s
-            n_pos = int(pos.sum())
-            if n_pos == 0 or recalls[s] <= 0:
-                continue
-            need = max(1, math.ceil(recalls[s] * n_pos - 1e-9))
-            rows = matrix[pos]
-            threshold = rows.topk(need, dim=0).values[-1]  # (2F,)
-            jobs.append((r, s, threshold))
+    for s in range(max(len(recalls) for recalls in recall_sets)):
+        pos = states == s
+        n_pos = int(pos.sum())
+        wanted = [(r, rs[s]) for r, rs in enumerate(recall_sets) if s < len(rs) and rs[s] > 0]
+        if n_pos == 0 or not wanted:
+            continue
+        rows = signed[pos]
+        for r, recall in wanted:
+            need = max(1, math.ceil(recall * n_pos - 1e-9))
+            # the need-th largest value of each neuron (the least, at recall 1)
+            if need == n_pos:
+                threshold = rows.min(0).values
+            else:
+                threshold = rows.kthvalue(n_pos - need + 1, dim=0).values
+            jobs.append((r, s))
             thresholds.append(threshold)
             true.append((rows >= threshold).sum(0))
     results: list[list[dict]] = [
@@ -161,7 +167,7 @@ def neuron_precision_at_recalls(
     fired = _count_at_least(matrix, torch.stack(thresholds)).double()
     precision = torch.stack(true).double() / fired.clamp(min=1)  # (jobs, 2F)
     best = precision.argmax(1)
-    for j, (r, s, _) in enumerate(jobs):
+    for j, (r, s) in enumerate(jobs):
         b = int(best[j])
         results[r][s] = {
             "precision": float(precision[j, b]),
@@ -171,14 +177,20 @@ def neuron_precision_at_recalls(
 
 
 def _count_at_least(matrix: torch.Tensor, thresholds: torch.Tensor, chunk: int = 256):
-    """``(J, F)`` counts: how many rows of ``matrix`` (``(M, F)``) are at least
-    ``thresholds[j, f]`` in column f; columns are sorted a chunk at a time."""
+    """``(J, 2F)`` counts: how many rows of ``matrix`` (``(M, F)``) are at least
+    ``thresholds[j, f]`` in column f (the neuron), and how many are at most
+    ``-thresholds[j, F + f]`` (the same neuron negated); each column is sorted once,
+    a chunk of columns at a time."""
     m, f = matrix.shape
     counts = torch.empty(thresholds.shape, dtype=torch.long)
     for i in range(0, f, chunk):
-        column = matrix[:, i : i + chunk].T.contiguous().sort(dim=1).values  # (c, M)
-        below = torch.searchsorted(column, thresholds[:, i : i + chunk].T.contiguous())
-        counts[:, i : i + chunk] = (m - below).T
+        j = min(f, i + chunk)
+        # numpy's sort: values only, vectorised (about 6x torch.sort's time here)
+        column = torch.from_numpy(np.sort(matrix[:, i:j].T.contiguous().numpy(), axis=1))
+        up = thresholds[:, i:j].T.contiguous()
+        down = -thresholds[:, f + i : f + j].T.contiguous()
+        counts[:, i:j] = (m - torch.searchsorted(column, up)).T
+        counts[:, f + i : f + j] = torch.searchsorted(column, down, right=True).T
     return counts
 
 
