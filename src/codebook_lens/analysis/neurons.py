@@ -207,7 +207,9 @@ def neuron_curves(
         lo_t.append(lo)
     del pos_acts
 
-    # pass 2: count every token past each threshold, for every mask
+    # pass 2: count every token past each threshold, for every mask. Each neuron's
+    # activations over the batch are sorted once, so the count past any threshold is a
+    # binary search; the matching tokens (few) are compared directly.
     all_blocks = list(range(0, n, seq_len))
     stats = [
         {name: torch.zeros(4, *t.shape, dtype=torch.int64) for name, t in hi.items()} for hi in hi_t
@@ -215,17 +217,20 @@ def neuron_curves(
     masks = [torch.from_numpy(np.ascontiguousarray(m[:n])) for m in positives]
     for rows, acts in run(all_blocks, "neurons: all tokens"):
         index = torch.from_numpy(rows)
-        for mask, hi, lo, stat in zip(masks, hi_t, lo_t, stats, strict=True):
-            is_pos = mask[index].view(-1, 1, 1)
-            for name, a in acts.items():
-                a = a.cpu().unsqueeze(1)  # (N, 1, F) against (R, F) thresholds
-                above = a >= hi[name]
-                below = a <= lo[name]
+        picked = [mask[index] for mask in masks]
+        for name, a in acts.items():
+            a = a.cpu()  # (N, F)
+            ordered = a.t().contiguous().sort(dim=1).values  # (F, N)
+            for is_pos, hi, lo, stat in zip(picked, hi_t, lo_t, stats, strict=True):
                 s = stat[name]
-                s[0] += above.sum(0)
-                s[1] += (above & is_pos).sum(0)
-                s[2] += below.sum(0)
-                s[3] += (below & is_pos).sum(0)
+                # tokens >= a threshold: N minus those below it; <= it: those up to it
+                below_hi = torch.searchsorted(ordered, hi[name].t().contiguous(), right=False)
+                s[0] += (a.shape[0] - below_hi).t()
+                s[2] += torch.searchsorted(ordered, lo[name].t().contiguous(), right=True).t()
+                if bool(is_pos.any()):
+                    p = a[is_pos].unsqueeze(1)  # (P, 1, F) against (R, F) thresholds
+                    s[1] += (p >= hi[name]).sum(0)
+                    s[3] += (p <= lo[name]).sum(0)
     curves = []
     for mask, hi, lo, stat, rs in zip(masks, hi_t, lo_t, stats, recalls, strict=True):
         n_pos = int(mask.sum())
