@@ -119,3 +119,41 @@ WEB_DOCS = [
     "May 2001: a small boat, the big tree.\nJune 1950 → the blue house.",
     corpus_text(30, seed=6),
 ]
+
+
+def save_tiny_bpe_codebook_model(root, vocab: int = 400):
+    """A tiny GPT-NeoX with a BPE tokenizer of ``vocab`` tokens trained on synthetic text
+    (so words are tokens of their own), attention-head and MLP codebooks on both layers,
+    saved with its base and tokenizer in ROOT/model."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    from codebook_lens.core.codebook import CodebookConfig
+    from codebook_lens.core.model import CodebookModel, CodebookModelConfig, SiteSpec
+    from codebook_lens.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([corpus_text(400, seed) for seed in range(3)], vocab)
+    config = GPTNeoXConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        use_parallel_residual=False,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config)
+    cfg = CodebookModelConfig(
+        [
+            SiteSpec("attn_heads", CodebookConfig(num_codes=16, k=2)),
+            SiteSpec("mlp", CodebookConfig(num_codes=32, k=3)),
+        ]
+    )
+    model = CodebookModel(base, cfg)
+    out = root / "model"
+    model.save_pretrained(out, include_base=True)
+    tok.save_pretrained(str(out / "base"))
+    return out

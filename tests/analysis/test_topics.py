@@ -3,14 +3,25 @@ scan of the cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
 import pytest
-from helpers import corpus_text, save_tiny_codebook_model
+import torch
+from helpers import corpus_text, save_tiny_bpe_codebook_model, save_tiny_codebook_model
 
 from codebook_lens.analysis.search import SearchError
-from codebook_lens.analysis.topics import ahead_of, word_topic_codes, words_ahead, words_pattern
+from codebook_lens.analysis.topics import (
+    ahead_of,
+    code_gradients,
+    effect_topic_codes,
+    topic_logit,
+    topic_token_ids,
+    word_topic_codes,
+    words_ahead,
+    words_pattern,
+)
 from codebook_lens.cache.build import build_cache
 from codebook_lens.cache.store import CodeCache
 from codebook_lens.core.loading import load_codebook_model
@@ -107,3 +118,86 @@ def test_word_topic_codes_refuses_bad_settings(cache):
         word_topic_codes(cache, WORDS, window=0)
     with pytest.raises(SearchError, match="min_count"):
         word_topic_codes(cache, WORDS, min_count=0)
+
+
+# ----------------------------------------------------------------------------------------
+# codes by their effect on the topic
+
+
+@pytest.fixture(scope="module")
+def bpe_cache(tmp_path_factory):
+    """A cache of a model whose BPE tokenizer has words as tokens."""
+    root = tmp_path_factory.mktemp("bpe")
+    loaded = load_codebook_model(save_tiny_bpe_codebook_model(root))
+    docs = [corpus_text(12, seed=s) for s in range(4)]
+    build_cache(loaded, docs, root / "cache", corpus_name="t", seq_len=32, batch_size=8)
+    return CodeCache.open(root / "cache")
+
+
+BPE_WORDS = ["boat", "apple", "tree"]
+
+
+def test_topic_token_ids_take_the_first_token_after_a_space(bpe_cache):
+    codec = bpe_cache.model().codec
+    ids = topic_token_ids(codec, ["boat", "Apple", "xq"])
+    expected = set()
+    for form in ("boat", "Boat", "apple", "Apple"):
+        first = codec.encode(" " + form)[0][0]
+        if len(codec.decode([first]).strip()) >= 3:
+            expected.add(first)
+    assert set(ids) == expected and len(expected) >= 2
+    assert all(len(codec.decode([i]).strip()) >= 3 for i in ids)
+    with pytest.raises(SearchError, match="starts with a token of its own"):
+        topic_token_ids(codec, ["xq"])
+
+
+def test_topic_logit_by_hand():
+    logits = torch.tensor([[[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 4.0, 0.0]]])
+    # position 0: mean(2, 6) - mean(all) = 4 - 3 = 1; position 1: mean(0, 0) - 1 = -1
+    assert topic_logit(logits, [1, 3]).item() == pytest.approx(0.0)
+    assert topic_logit(logits[:, :1], [1, 3]).item() == pytest.approx(1.0)
+
+
+def test_code_gradients_match_a_finite_difference(bpe_cache):
+    model = bpe_cache.model().model
+    ids = [3, 5, 9]
+    blocks = torch.from_numpy(np.asarray(bpe_cache.token_ids[:64], dtype=np.int64)).view(2, 32)
+    grads = code_gradients(model, [blocks], ids)
+    # the last codebook: nothing quantizes what it writes on its way to the logits (an
+    # earlier codebook's gradient passes the later ones straight through)
+    key = "layer1_mlp"
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(grads[key].shape, generator=gen)
+
+    def shifted(eps: float) -> float:
+        def hook(_module, _args, result):
+            out = result.output + eps * v.reshape(-1)
+            return dataclasses.replace(result, output=out)
+
+        handle = model.codebooks[key].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                return topic_logit(model(blocks).logits, ids).item()
+        finally:
+            handle.remove()
+
+    eps = 1e-3
+    numeric = (shifted(eps) - shifted(-eps)) / (2 * eps)
+    assert (grads[key] * v).sum().item() == pytest.approx(numeric, rel=2e-2, abs=1e-4)
+
+
+def test_effect_topic_codes_are_code_vectors_against_the_gradient(bpe_cache):
+    cache = bpe_cache
+    hits = effect_topic_codes(cache, BPE_WORDS, batches=1, batch_size=2, min_count=2, limit=None)
+    model = cache.model().model
+    ids = topic_token_ids(cache.model().codec, BPE_WORDS)
+    blocks = torch.from_numpy(np.asarray(cache.token_ids[:64], dtype=np.int64)).view(2, 32)
+    grads = code_gradients(model, [blocks], ids)
+    for h in hits[:20]:
+        cb = model.codebooks[h.ref.codebook]
+        expected = float(
+            cb.weight[h.ref.group, h.ref.code].detach() @ grads[h.ref.codebook][h.ref.group]
+        )
+        assert h.effect == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        assert h.count >= 2
+    assert [h.effect for h in hits] == sorted((h.effect for h in hits), reverse=True)

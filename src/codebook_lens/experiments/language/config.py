@@ -225,8 +225,16 @@ class SteerSection:
     counts as one) are forced on at every position at ``strength``."""
 
     topic_file: str | None = None  # None: the packaged topics.yaml
-    select: typing.Literal["words", "text"] = "words"
+    select: typing.Literal["words", "text", "effect", "measured"] = "words"
     window: int = 16
+    effect_batches: int = 4  # select: effect
+    # select: effect, among each group's `effect_candidates` codes a topic word most often
+    # follows (None: among all codes)
+    effect_candidates: int | None = None
+    # select: measured (codebook_lens.steering.topic_codes.measured_topic_codes)
+    candidates_per_group: int = 8
+    target_rate: float = 0.03
+    max_damage: float = 0.75
     min_count: int = 20
     max_frequency: float = 0.02
     min_fraction: float = 0.2  # select: text
@@ -240,8 +248,8 @@ class SteerSection:
 
     def __post_init__(self) -> None:
         all_finite("steer", self)
-        at_least("steer", self, 1, "window", "min_count", "codes_per_codebook")
-        at_least("steer", self, 1, "samples_per_prompt", "max_new_tokens")
+        at_least("steer", self, 1, "window", "min_count", "codes_per_codebook", "effect_batches")
+        at_least("steer", self, 1, "samples_per_prompt", "max_new_tokens", "effect_candidates")
         require(self.mode in MODES, "steer.mode", self.mode, f"one of {', '.join(MODES)}")
         ok = 0 < self.max_frequency <= 1
         require(ok, "steer.max_frequency", self.max_frequency, "in (0, 1]")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from codebook_lens.analysis.search import SearchError, topic_codes
-from codebook_lens.analysis.topics import word_topic_codes
+from codebook_lens.analysis.topics import effect_topic_codes, word_topic_codes
 from codebook_lens.cache.store import CodeCache
 from codebook_lens.core.loading import TextCodec
 from codebook_lens.core.model import CodebookModel
@@ -31,6 +31,7 @@ from codebook_lens.experiments.language.measures import (
 )
 from codebook_lens.steering.intervene import Intervention
 from codebook_lens.steering.sampling import generate
+from codebook_lens.steering.topic_codes import measured_topic_codes
 
 
 def per_group(refs: Sequence[CodeRef], n: int) -> list[CodeRef]:
@@ -48,6 +49,50 @@ def per_group(refs: Sequence[CodeRef], n: int) -> list[CodeRef]:
 def select_codes(cache: CodeCache, topic: Topic, cfg: SteerSection) -> list[CodeRef]:
     """The codes forced on for ``topic`` (see :class:`SteerSection`); none when no cached
     token is followed by a topic word (``select: words``)."""
+    if cfg.select == "measured":
+        try:
+            found = measured_topic_codes(
+                cache,
+                topic.words,
+                candidates_per_group=cfg.candidates_per_group,
+                target_rate=cfg.target_rate,
+                max_damage=cfg.max_damage,
+                min_count=cfg.min_count,
+                max_frequency=cfg.max_frequency,
+                mode=cfg.mode,
+                strength=cfg.strength,
+            )
+        except SearchError:
+            return []
+        return found.codes
+    if cfg.select == "effect":
+        try:
+            effects = effect_topic_codes(
+                cache,
+                topic.words,
+                batches=cfg.effect_batches,
+                min_count=cfg.min_count,
+                max_frequency=cfg.max_frequency,
+                limit=None,
+            )
+        except SearchError:
+            return []
+        refs = [h.ref for h in effects if h.effect > 0]
+        if cfg.effect_candidates is not None:  # among each group's most topic-bound codes
+            try:
+                near = word_topic_codes(
+                    cache,
+                    topic.words,
+                    window=cfg.window,
+                    min_count=cfg.min_count,
+                    max_frequency=cfg.max_frequency,
+                    limit=None,
+                )
+            except SearchError:
+                return []
+            allowed = set(per_group([h.ref for h in near], cfg.effect_candidates))
+            refs = [r for r in refs if r in allowed]
+        return per_group(refs, cfg.codes_per_codebook)
     if cfg.select == "words":
         try:
             hits = word_topic_codes(
