@@ -44,6 +44,26 @@ def test_a_fresh_lock_from_a_killed_build_never_blocks_the_loader():
     assert not private.exists()  # an hour old: left by a killed build, removed
 
 
+def test_the_build_directory_stays_put_after_a_build(monkeypatch, tmp_path):
+    """Building must not change the key of the directory the process then looks in
+    (torch's builder appends to the flag lists it is given)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    before = _native.build_dir()
+    seen = {}
+
+    def fake_build(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
+        extra_cflags.append("-DADDED_BY_THE_BUILDER")
+        extra_ldflags.append("-lextra")
+        seen["cflags"] = extra_cflags
+        return "module"
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", fake_build)
+    with pytest.raises(FileNotFoundError):  # the fake leaves no library to move in place
+        _native._build(*before)
+    assert "-fopenmp" in seen["cflags"]
+    assert _native.build_dir() == before
+
+
 def test_two_environments_never_share_a_build(monkeypatch, tmp_path):
     """Two virtual environments with the same torch (and source, flags, Python) get two
     build directories, so neither rebuilds over the other's library."""
@@ -91,3 +111,17 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_a_warning(monkeypatch, tm
         assert ids.shape == (5, 1, 2)
     finally:
         _native.load.cache_clear()
+
+
+def test_the_kernels_run_on_every_intra_op_thread():
+    """Built without OpenMP, the kernels' parallel loops run on one thread (at a lower
+    load the search then took twice the matmul's time instead of its own)."""
+    kernel = _native.load()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert kernel.parallel_threads() == 2
+        torch.set_num_threads(1)
+        assert kernel.parallel_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -38,8 +38,11 @@ from pathlib import Path
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in ("search.cpp", "scatter.cpp", "module.cpp"))
-# -ffp-contract=off: the float64 rescoring must round exactly as the PyTorch path does
-FLAGS = ["-O3", "-ffp-contract=off"]
+# -ffp-contract=off: the float64 rescoring must round exactly as the PyTorch path does;
+# -fopenmp: at::parallel_for is an OpenMP loop compiled into the extension (without it,
+# it runs on one thread); the library links libgomp.so.1, the one torch has loaded
+FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 SIMD_LEVELS = ("scalar", "avx2", "avx512")  # index = the kernel's level number
 STALE_BUILD_S = 3600  # a private build directory older than this was left by a killed build
 
@@ -55,7 +58,7 @@ def build_dir() -> tuple[str, Path]:
 
     parts = [
         *(source.read_bytes() for source in SOURCES),
-        " ".join(FLAGS).encode(),
+        " ".join(FLAGS + LDFLAGS).encode(),
         torch.__version__.encode(),
         sys.version.encode(),
         str(Path(sys.prefix).resolve()).encode(),
@@ -104,7 +107,8 @@ def _build(name: str, directory: Path) -> object:
         module = build(
             name=name,
             sources=[str(source) for source in sources],
-            extra_cflags=FLAGS,
+            extra_cflags=list(FLAGS),  # copies: the builder appends to the lists it gets
+            extra_ldflags=list(LDFLAGS),
             build_directory=str(private),
             verbose=False,
         )
