@@ -15,7 +15,7 @@ from codebook_lens.cache.build import build_cache
 from codebook_lens.cache.store import CodeCache
 from codebook_lens.core.loading import load_codebook_model
 from codebook_lens.steering.intervene import Intervention, apply_intervention
-from codebook_lens.steering.topic_codes import measure_forcing, measured_topic_codes
+from codebook_lens.steering.topic_codes import forced_log_probs, forcing_of, measured_topic_codes
 
 WORDS = ["boat", "apple", "tree"]
 
@@ -29,27 +29,37 @@ def cache(tmp_path_factory):
     return CodeCache.open(root / "cache")
 
 
-def test_measure_forcing_by_hand(cache):
+def test_forcing_of_by_hand():
+    plain = torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]).log()
+    forced = torch.tensor([[[0.25, 0.5, 0.25], [0.1, 0.1, 0.8]]]).log()
+    same = forcing_of(plain, plain, [1])
+    assert same.cost == pytest.approx(0.0, abs=1e-7)
+    assert same.topic_rate == pytest.approx((0.25 + 0.1) / 2)
+    assert same.topic_log_prob == pytest.approx((math.log(0.25) + math.log(0.1)) / 2)
+    f = forcing_of(forced, plain, [1])
+    # position 0: tokens ~ (1/4, 1/2, 1/4) scored by (1/2, 1/4, 1/4), less the entropy of
+    # (1/2, 1/4, 1/4); position 1: the same distribution, no cost
+    cross = -(0.25 * math.log(0.5) + 0.5 * math.log(0.25) + 0.25 * math.log(0.25))
+    entropy = -(0.5 * math.log(0.5) + 0.5 * math.log(0.25))
+    assert f.cost == pytest.approx((cross - entropy) / 2)
+    assert f.topic_rate == pytest.approx((0.5 + 0.1) / 2)
+
+
+def test_forced_log_probs_are_the_model_under_the_intervention(cache):
     model = cache.model().model
     blocks = torch.from_numpy(np.asarray(cache.token_ids[:64], dtype=np.int64)).view(2, 32)
-    ids = [5, 7]
-    plain = measure_forcing(model, blocks, ids, [])
     with torch.no_grad():
-        p = model(blocks).logits.softmax(-1)
-    assert plain.topic_log_prob == pytest.approx(p[..., ids].sum(-1).log().mean().item(), rel=1e-5)
-    nll = -p[:, :-1].gather(-1, blocks[:, 1:, None]).log().mean().item()
-    assert plain.loss == pytest.approx(nll, rel=1e-5)
-    code = "layer1_mlp:3"
-    forced = measure_forcing(model, blocks, ids, [code])
-    with torch.no_grad(), apply_intervention(model, Intervention([code])):
-        q = model(blocks).logits.softmax(-1)
-    assert forced.topic_log_prob == pytest.approx(q[..., ids].sum(-1).log().mean().item(), rel=1e-5)
+        plain = model(blocks).logits.log_softmax(-1)
+        with apply_intervention(model, Intervention(["layer1_mlp:3"])):
+            forced = model(blocks).logits.log_softmax(-1)
+    assert torch.allclose(forced_log_probs(model, blocks, []), plain, atol=1e-6)
+    assert torch.allclose(forced_log_probs(model, blocks, ["layer1_mlp:3"]), forced, atol=1e-6)
 
 
 def test_measured_topic_codes_keep_their_promises(cache):
     model = cache.model().model
     found = measured_topic_codes(
-        cache, WORDS, candidates_per_group=3, target_rate=0.5, max_damage=0.5, blocks=2, min_count=2
+        cache, WORDS, candidates_per_group=3, target_rate=0.5, max_cost=0.5, blocks=2, min_count=2
     )
     assert found.codes, "some code raises the topic's probability"
     # at most k codes per (codebook, head), each chosen code a measured candidate
@@ -64,16 +74,19 @@ def test_measured_topic_codes_keep_their_promises(cache):
     seq = 32
     tokens = np.asarray(cache.token_ids, dtype=np.int64)
     held = torch.from_numpy(tokens[tokens.size - 2 * seq :].copy()).view(2, seq)
-    again = measure_forcing(model, held, ids, found.codes)
+    again = forcing_of(
+        forced_log_probs(model, held, found.codes), forced_log_probs(model, held, []), ids
+    )
     assert again.topic_log_prob == pytest.approx(found.after.topic_log_prob, rel=1e-5)
+    assert again.cost == pytest.approx(found.after.cost, rel=1e-4, abs=1e-6)
     assert found.after.topic_log_prob > found.before.topic_log_prob
-    assert found.after.loss - found.before.loss <= 0.5 + 1e-9
+    assert found.after.cost <= 0.5 + 1e-9
 
 
 def test_measured_topic_codes_stop_at_the_target(cache):
     # a target the model already meets: nothing to force
     rate = 1e-12
     found = measured_topic_codes(cache, WORDS, target_rate=rate, blocks=2, min_count=2)
-    assert found.before.topic_log_prob >= math.log(rate) and found.codes == []
+    assert found.before.topic_rate >= rate and found.codes == []
     with pytest.raises(SearchError, match="target_rate"):
         measured_topic_codes(cache, WORDS, target_rate=1.5)

@@ -4,17 +4,25 @@
 first-order effect on how much the model favours a topic's words. Forcing several
 codes at once is not first order: codes of one group interfere, and every forced code
 also disturbs the model's other predictions. :func:`measured_topic_codes` therefore
-measures: on blocks of cached text it forces each candidate alone and records its
-*gain* (the rise in the mean log-probability that the next token starts a topic word)
-and its *damage* (the rise in the model's loss on the text's actual next tokens), then
-adds candidates in order of gain per damage, measuring the set forced together after
-each addition, until the topic's mean log-probability reaches ``log(target_rate)`` or
-the damage would pass ``max_damage``.
+measures, on contexts of text (the model's own samples, or cached text), what forcing
+does to the next-token distribution at every position:
+
+- the *topic rate*: the mean probability that the next token starts a topic word;
+- the *fluency cost*: the expected loss, under the unforced model, of a token drawn from
+  the forced model, minus the unforced model's own entropy, i.e.
+  ``sum_v p_forced(v) (-log p(v)) - sum_v p(v) (-log p(v))``, averaged over positions.
+  Sampling from the forced model and scoring the samples with the unforced one (the
+  fluency measure of the steering protocol) costs this much per token, to first order
+  (the contexts themselves stay the unforced text).
+
+It forces each candidate alone, then adds candidates in order of gain (in the mean log
+topic probability) per fluency cost, measuring the set forced together after each
+addition, until the topic rate reaches ``target_rate`` or the cost would pass
+``max_cost``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,32 +39,39 @@ from codebook_lens.steering.intervene import Intervention, apply_intervention
 
 @dataclass
 class Forcing:
-    """What forcing a set of codes does on the measuring blocks."""
+    """What forcing a set of codes does on the measuring contexts."""
 
-    topic_log_prob: float  # mean log-probability that the next token starts a topic word
-    loss: float  # mean loss on the text's actual next tokens
+    topic_rate: float  # mean probability that the next token starts a topic word
+    topic_log_prob: float  # mean log of that probability
+    cost: float  # expected fluency cost per token against the unforced model (nats)
 
 
 @torch.no_grad()
-def measure_forcing(
+def forced_log_probs(
     model: CodebookModel,
-    blocks: torch.Tensor,
-    ids: Sequence[int],
+    contexts: torch.Tensor,
     codes: Sequence[CodeRef],
     mode: str = "replace_last",
     strength: float = 1.0,
-) -> Forcing:
-    """:class:`Forcing` of ``codes`` forced at every position of ``blocks`` (``(B, T)``
-    token ids); no codes: the model as it is."""
+) -> torch.Tensor:
+    """Next-token log-probabilities ``(B, T, V)`` at every position of ``contexts``
+    (``(B, T)`` token ids) with ``codes`` forced at every position (none: the model as
+    it is)."""
     if codes:
         with apply_intervention(model, Intervention(codes, mode=mode, strength=strength)):
-            logits = model(blocks, use_cache=False).logits
+            logits = model(contexts, use_cache=False).logits
     else:
-        logits = model(blocks, use_cache=False).logits
-    logp = logits.float().log_softmax(-1)
-    topic = logp[..., list(ids)].logsumexp(-1).mean()
-    loss = -logp[:, :-1].gather(-1, blocks[:, 1:].unsqueeze(-1)).mean()
-    return Forcing(float(topic), float(loss))
+        logits = model(contexts, use_cache=False).logits
+    return logits.float().log_softmax(-1)
+
+
+def forcing_of(logp: torch.Tensor, plain: torch.Tensor, ids: Sequence[int]) -> Forcing:
+    """:class:`Forcing` of forced log-probabilities ``logp`` against the unforced
+    ``plain`` ones (both ``(B, T, V)``), for topic tokens ``ids``."""
+    topic = logp[..., list(ids)].logsumexp(-1)
+    cross = -(logp.exp() * plain).sum(-1)  # loss under the unforced model, tokens ~ forced
+    entropy = -(plain.exp() * plain).sum(-1)
+    return Forcing(float(topic.exp().mean()), float(topic.mean()), float((cross - entropy).mean()))
 
 
 @dataclass
@@ -81,11 +96,12 @@ def measured_topic_codes(
     cache: CodeCache,
     words: Sequence[str],
     *,
+    contexts: torch.Tensor | None = None,
+    blocks: int = 8,
     candidates_per_group: int = 8,
     max_per_group: int | None = None,
     target_rate: float = 0.03,
-    max_damage: float = 0.75,
-    blocks: int = 8,
+    max_cost: float = 0.5,
     min_count: int = 20,
     max_frequency: float = 0.05,
     mode: str = "replace_last",
@@ -94,25 +110,30 @@ def measured_topic_codes(
     """The codes to force for the topic of ``words`` (see the module docstring).
 
     Candidates: the ``candidates_per_group`` codes of every (codebook, head) with the
-    largest positive first-order effect (:func:`effect_topic_codes`, measured on the
-    cache's first blocks). Gain and damage are measured on the cache's last ``blocks``
-    blocks. At most ``max_per_group`` codes per (codebook, head) are chosen (by default
-    k, the codebook's own number of slots, as ``replace_last`` allows).
+    largest positive first-order effect (:func:`effect_topic_codes`, on the cache's
+    first blocks). Measured on ``contexts`` (``(B, T)`` token ids, e.g. the model's own
+    samples), or else on the cache's last ``blocks`` blocks. At most ``max_per_group``
+    codes per (codebook, head) are chosen (by default k, the codebook's own number of
+    slots, as ``replace_last`` allows).
     """
     if not 0.0 < target_rate < 1.0:
         raise SearchError(f"target_rate must be in (0, 1), got {target_rate}")
-    if not max_damage > 0:
-        raise SearchError(f"max_damage must be > 0, got {max_damage}")
+    if not max_cost > 0:
+        raise SearchError(f"max_cost must be > 0, got {max_cost}")
     loaded = cache.model()
     model = loaded.model
     ids = topic_token_ids(loaded.codec, words)
-    seq_len = int(cache.manifest["seq_len"])
-    tokens = np.asarray(cache.token_ids, dtype=np.int64)
-    rows = min(blocks, tokens.size // seq_len)
-    if rows < 1:
-        raise SearchError(f"the cache holds fewer than {seq_len} tokens")
-    held = torch.from_numpy(tokens[tokens.size - rows * seq_len :].copy()).view(rows, seq_len)
-    held = held.to(next(model.parameters()).device)
+    if contexts is None:
+        seq_len = int(cache.manifest["seq_len"])
+        tokens = np.asarray(cache.token_ids, dtype=np.int64)
+        rows = min(blocks, tokens.size // seq_len)
+        if rows < 1:
+            raise SearchError(f"the cache holds fewer than {seq_len} tokens")
+        contexts = torch.from_numpy(tokens[tokens.size - rows * seq_len :].copy())
+        contexts = contexts.view(rows, seq_len)
+    if contexts.dim() != 2 or contexts.shape[1] < 2:
+        raise SearchError("contexts must be a (B, T) tensor of token ids with T >= 2")
+    contexts = contexts.to(next(model.parameters()).device)
 
     hits = [
         h
@@ -129,30 +150,33 @@ def measured_topic_codes(
             taken[key] = taken.get(key, 0) + 1
             candidates.append(h.ref)
 
-    before = measure_forcing(model, held, ids, [], mode, strength)
+    plain = forced_log_probs(model, contexts, [], mode, strength)
+    before = forcing_of(plain, plain, ids)
+
+    def measure(codes: Sequence[CodeRef]) -> Forcing:
+        return forcing_of(forced_log_probs(model, contexts, codes, mode, strength), plain, ids)
+
     scored = []
     for ref in candidates:
-        alone = measure_forcing(model, held, ids, [ref], mode, strength)
+        alone = measure([ref])
         gain = alone.topic_log_prob - before.topic_log_prob
-        damage = alone.loss - before.loss
         if gain > 0:
-            scored.append({"code": ref, "gain": gain, "damage": damage})
-    scored.sort(key=lambda c: -c["gain"] / max(c["damage"], 1e-3))
+            scored.append({"code": ref, "gain": gain, "cost": alone.cost})
+    scored.sort(key=lambda c: -c["gain"] / max(c["cost"], 1e-3))
 
-    goal = math.log(target_rate)
     chosen: list[CodeRef] = []
     per_group: dict[tuple[str, int], int] = {}
     after = before
     for cand in scored:
-        if after.topic_log_prob >= goal:
+        if after.topic_rate >= target_rate:
             break
         ref = cand["code"]
         key = (ref.codebook, ref.group)
         limit = max_per_group if max_per_group is not None else model.codebooks[ref.codebook].k
         if per_group.get(key, 0) >= limit:
             continue
-        trial = measure_forcing(model, held, ids, [*chosen, ref], mode, strength)
-        if trial.loss - before.loss > max_damage or trial.topic_log_prob <= after.topic_log_prob:
+        trial = measure([*chosen, ref])
+        if trial.cost > max_cost or trial.topic_log_prob <= after.topic_log_prob:
             continue
         chosen.append(ref)
         per_group[key] = per_group.get(key, 0) + 1
@@ -161,5 +185,5 @@ def measured_topic_codes(
         chosen,
         before,
         after,
-        [{"code": str(c["code"]), "gain": c["gain"], "damage": c["damage"]} for c in scored],
+        [{"code": str(c["code"]), "gain": c["gain"], "cost": c["cost"]} for c in scored],
     )

@@ -234,7 +234,9 @@ class SteerSection:
     # select: measured (codebook_lens.steering.topic_codes.measured_topic_codes)
     candidates_per_group: int = 8
     target_rate: float = 0.03
-    max_damage: float = 0.75
+    max_cost: float = 0.5
+    # measure forcing on the unsteered samples of the prompts, or on the cache's text
+    measure_on: typing.Literal["samples", "cache"] = "samples"
     min_count: int = 20
     max_frequency: float = 0.02
     min_fraction: float = 0.2  # select: text

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from codebook_lens.analysis.search import SearchError, topic_codes
 from codebook_lens.analysis.topics import effect_topic_codes, word_topic_codes
 from codebook_lens.cache.store import CodeCache
@@ -46,7 +48,24 @@ def per_group(refs: Sequence[CodeRef], n: int) -> list[CodeRef]:
     return kept
 
 
-def select_codes(cache: CodeCache, topic: Topic, cfg: SteerSection) -> list[CodeRef]:
+def sample_blocks(
+    codec: TextCodec, prompts: Sequence[str], texts: Sequence[Sequence[str]], seq_len: int
+):
+    """The prompts and their samples as one token stream (EOS between samples), cut into
+    blocks of ``seq_len`` tokens: the model's own text, to measure forcing on."""
+    stream: list[int] = []
+    for prompt, row in zip(prompts, texts, strict=True):
+        for text in row:
+            stream += codec.encode(prompt + text)[0]
+            if codec.eos_id is not None:
+                stream.append(codec.eos_id)
+    count = len(stream) // seq_len
+    if count == 0:
+        return None
+    return torch.tensor(stream[: count * seq_len]).view(count, seq_len)
+
+
+def select_codes(cache: CodeCache, topic: Topic, cfg: SteerSection, contexts=None) -> list[CodeRef]:
     """The codes forced on for ``topic`` (see :class:`SteerSection`); none when no cached
     token is followed by a topic word (``select: words``)."""
     if cfg.select == "measured":
@@ -54,9 +73,10 @@ def select_codes(cache: CodeCache, topic: Topic, cfg: SteerSection) -> list[Code
             found = measured_topic_codes(
                 cache,
                 topic.words,
+                contexts=contexts if cfg.measure_on == "samples" else None,
                 candidates_per_group=cfg.candidates_per_group,
                 target_rate=cfg.target_rate,
-                max_damage=cfg.max_damage,
+                max_cost=cfg.max_cost,
                 min_count=cfg.min_count,
                 max_frequency=cfg.max_frequency,
                 mode=cfg.mode,
@@ -190,7 +210,9 @@ def steer_topic(
     which no code qualifies keeps its unsteered samples."""
     if unsteered is None:
         unsteered = sample_unsteered(model, codec, prompts, cfg)
-    codes = select_codes(cache, topic, cfg)
+    seq_len = int(cache.manifest["seq_len"])
+    contexts = sample_blocks(codec, prompts, unsteered.texts, seq_len)
+    codes = select_codes(cache, topic, cfg, contexts)
     steered_texts, steered = unsteered.texts, unsteered.nll
     if codes:
         steered_texts = generate(
