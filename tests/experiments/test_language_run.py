@@ -10,9 +10,13 @@ import pytest
 from helpers import corpus_text
 
 from codebook_lens.cli.main import main
+from codebook_lens.core.loading import load_codebook_model
 from codebook_lens.experiments.language.config import ConfigError, load_lm_config
+from codebook_lens.experiments.language.files import load_topics
+from codebook_lens.experiments.language.measures import topic_share
 from codebook_lens.experiments.language.metrics import METRIC_KEYS
 from codebook_lens.experiments.language.run import run
+from codebook_lens.steering.sampling import generate
 
 TOPICS = """
 prompts: ["The", "In May"]
@@ -72,6 +76,24 @@ def test_tiny_preset_end_to_end_and_rerun(files, capsys):
     assert zebras["codes"] == [] and zebras["fluency_cost"] == 0.0
     boats = next(r for r in details["steering"] if r["name"] == "boats")
     assert boats["codes"], "a topic present in the corpus gets codes"
+    # the primed share: the unsteered model's samples with the topic's passage before
+    # every prompt, same seeds, counted as the steered share is
+    cfg = load_lm_config("tiny", overrides)
+    loaded = load_codebook_model(out / "codebook" / "model")
+    prompts, topics = load_topics(root / "topics.yaml")
+    s = cfg.steer
+    texts = generate(
+        loaded.model,
+        [f"a small boat on the water {p}" for p in prompts],
+        loaded.codec,
+        samples=s.samples_per_prompt,
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        seed=s.seed,
+    )
+    expected = topic_share([t for row in texts for t in row], ["boat", "boats"])
+    assert boats["primed_share"] == pytest.approx(expected)
+    assert metrics["steer.boats.primed_share"] == pytest.approx(expected)
     # a pattern that matches nothing has no code and counts as a loss
     none = next(r for r in details["regexes"] if r["name"] == "none")
     assert none["code"] is None and none["matching_tokens"] == 0
@@ -117,3 +139,17 @@ def test_demo_lm_is_dispatched_and_plain_demo_stays_tokfsm(monkeypatch, tmp_path
     with pytest.raises(SystemExit):
         main(["demo", "--out", str(tmp_path / "f")])
     assert calls[-1] == ("fsm", "demo")
+
+
+def test_demo_preset_is_the_cpu_experiment_cut_down():
+    # the demo must fit 15 minutes where the cpu preset has an hour: the same network
+    # and measurements, no stage longer, no control, a smaller cache
+    cpu, demo = load_lm_config("cpu"), load_lm_config("demo")
+    assert demo.net == cpu.net and demo.tokenizer == cpu.tokenizer
+    for stage in ("base", "codebook"):
+        a, b = getattr(cpu, stage), getattr(demo, stage)
+        assert b.steps * b.batch_size <= a.steps * a.batch_size
+    assert cpu.codebook.control and not demo.codebook.control
+    assert demo.measure.cache_tokens < cpu.measure.cache_tokens
+    assert demo.steer.select == cpu.steer.select == "measured"
+    assert demo.steer.strength == cpu.steer.strength == 1.0

@@ -70,11 +70,13 @@ def print_lm_summary(m: dict, out: str | Path) -> None:
         f"{m['regex.regexes']}, median lead {m['regex.median_lead_points']:+.1f} points"
     )
     topics = sorted({k.split(".")[1] for k in m if k.endswith(".steered_share")})
-    print(f"\n  {'topic':<14}{'unsteered':>10}{'steered':>10}{'fluency cost':>14}")
+    print(f"\n  {'topic':<14}{'unsteered':>10}{'steered':>10}{'fluency cost':>14}{'primed':>8}")
     for t in topics:
+        primed = m.get(f"steer.{t}.primed_share")
         print(
             f"  {t:<14}{pct(m[f'steer.{t}.baseline_share']):>10}"
             f"{pct(m[f'steer.{t}.steered_share']):>10}{m[f'steer.{t}.fluency_cost']:>+14.2f}"
+            f"{'' if primed is None else pct(primed):>8}"
         )
     print(f"  {m['steer.topics_steered']} of {m['steer.topics']} topics steered (>= 60% on topic,")
     print("  <= 20% unsteered, fluency cost <= 1 nat)")

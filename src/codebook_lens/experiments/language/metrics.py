@@ -38,6 +38,9 @@ METRIC_KEYS = {
     "position at steer.strength (same prompts and seeds)",
     "steer.<topic>.fluency_cost": "the unsteered model's mean loss per token on the steered "
     "samples minus that on the unsteered samples (nats)",
+    "steer.<topic>.primed_share": "share of unsteered samples on topic when the topic's "
+    "passage precedes every prompt (same seeds): how far the model carries a topic forward "
+    "by itself (absent for a topic without a passage)",
     "steer.topics": "topics measured (the topic file's)",
     "steer.topics_steered": "topics with steered share >= 0.6, unsteered share <= 0.2 and "
     "fluency cost <= 1 nat",

@@ -249,6 +249,19 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
     t0 = time.perf_counter()
     log(f"caching the codes of {cfg.measure.cache_tokens:,} tokens of training text")
     cache_dir = out / "cache"
+    # the cache belongs to one codebook model: a retrained codebook stage rebuilds it
+    cache_settings = {
+        "codebook": _fingerprint(cfg, "codebook", out),
+        "cache_tokens": cfg.measure.cache_tokens,
+        "corpus": cfg.data.corpus,
+        "seq_len": cfg.data.seq_len,
+    }
+    stamp = cache_dir / "stage.json"
+    if cache_dir.exists() and (
+        not stamp.exists() or json.loads(stamp.read_text()) != cache_settings
+    ):
+        log(f"cache: built for other settings or another model in {cache_dir}; rebuilding")
+        shutil.rmtree(cache_dir)
     if not (cache_dir / "manifest.json").exists():
         build_cache(
             loaded,
@@ -260,6 +273,7 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
             batch_size=b,
             overwrite=True,
         )
+        stamp.write_text(json.dumps(cache_settings))
     cache = CodeCache.open(cache_dir)
     cache.set_model(loaded)
     freq, freq_details = E.frequencies(cache)
@@ -288,10 +302,13 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
         log(
             f"  {r.name}: {100 * r.baseline_share:.0f}% -> {100 * r.steered_share:.0f}% on "
             f"topic, fluency cost {r.fluency_cost:+.2f} nats ({len(r.codes)} codes)"
+            + ("" if r.primed_share is None else f"; primed {100 * r.primed_share:.0f}%")
         )
         metrics[f"steer.{r.name}.baseline_share"] = r.baseline_share
         metrics[f"steer.{r.name}.steered_share"] = r.steered_share
         metrics[f"steer.{r.name}.fluency_cost"] = r.fluency_cost
+        if r.primed_share is not None:
+            metrics[f"steer.{r.name}.primed_share"] = r.primed_share
     for key, value in steering_summary(results).items():
         metrics[f"steer.{key}"] = value
     seconds["steer"] = time.perf_counter() - t0

@@ -153,6 +153,9 @@ class TopicResult:
     steered_loss: float  # ... on the steered samples
     fluency_cost: float
     samples: list[dict] = field(default_factory=list)  # per prompt: baseline and steered texts
+    # unsteered share on topic when the topic's passage precedes every prompt (None: no
+    # passage): how far the model itself carries a topic forward from its context
+    primed_share: float | None = None
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -194,6 +197,29 @@ def sample_unsteered(
         seed=cfg.seed,
     )
     return Unsteered(texts, _nll(model, codec, prompts, texts))
+
+
+def primed_share(
+    model: CodebookModel, codec: TextCodec, prompts: list[str], topic: Topic, cfg: SteerSection
+) -> float | None:
+    """Share on topic of unsteered samples (same prompts, seeds and lengths as the steering
+    measurement) when the topic's passage and a space precede every prompt; ``None`` for a
+    topic without a passage. Forcing codes can at most make the model write as if its
+    context were about the topic, so a low primed share bounds what steering through the
+    context can reach."""
+    if not topic.text.strip():
+        return None
+    primed = [f"{topic.text.strip()} {p}" for p in prompts]
+    texts = generate(
+        model,
+        primed,
+        codec,
+        samples=cfg.samples_per_prompt,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+    )
+    return topic_share([t for row in texts for t in row], topic.words)
 
 
 def steer_topic(
@@ -240,6 +266,7 @@ def steer_topic(
             {"prompt": p, "baseline": b, "steered": s}
             for p, b, s in zip(prompts, unsteered.texts, steered_texts, strict=True)
         ],
+        primed_share=primed_share(model, codec, prompts, topic, cfg),
     )
 
 
