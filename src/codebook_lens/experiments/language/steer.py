@@ -65,6 +65,23 @@ def sample_blocks(
     return torch.tensor(stream[: count * seq_len]).view(count, seq_len)
 
 
+def _word_codes(cache: CodeCache, topic: Topic, cfg: SteerSection) -> list[CodeRef] | None:
+    """The codes a topic word most often follows within ``cfg.window`` tokens, best first;
+    ``None`` when no cached token is followed by a topic word."""
+    try:
+        hits = word_topic_codes(
+            cache,
+            topic.words,
+            window=cfg.window,
+            min_count=cfg.min_count,
+            max_frequency=cfg.max_frequency,
+            limit=None,
+        )
+    except SearchError:
+        return None
+    return [h.ref for h in hits]
+
+
 def select_codes(cache: CodeCache, topic: Topic, cfg: SteerSection, contexts=None) -> list[CodeRef]:
     """The codes forced on for ``topic`` (see :class:`SteerSection`); none when no cached
     token is followed by a topic word (``select: words``)."""
@@ -99,33 +116,17 @@ def select_codes(cache: CodeCache, topic: Topic, cfg: SteerSection, contexts=Non
             return []
         refs = [h.ref for h in effects if h.effect > 0]
         if cfg.effect_candidates is not None:  # among each group's most topic-bound codes
-            try:
-                near = word_topic_codes(
-                    cache,
-                    topic.words,
-                    window=cfg.window,
-                    min_count=cfg.min_count,
-                    max_frequency=cfg.max_frequency,
-                    limit=None,
-                )
-            except SearchError:
+            near = _word_codes(cache, topic, cfg)
+            if near is None:
                 return []
-            allowed = set(per_group([h.ref for h in near], cfg.effect_candidates))
+            allowed = set(per_group(near, cfg.effect_candidates))
             refs = [r for r in refs if r in allowed]
         return per_group(refs, cfg.codes_per_codebook)
     if cfg.select == "words":
-        try:
-            hits = word_topic_codes(
-                cache,
-                topic.words,
-                window=cfg.window,
-                min_count=cfg.min_count,
-                max_frequency=cfg.max_frequency,
-                limit=None,
-            )
-        except SearchError:
+        words = _word_codes(cache, topic, cfg)
+        if words is None:
             return []
-        refs = [h.ref for h in hits]
+        refs = words
     else:
         if not topic.text.strip():
             raise SearchError(f"topic {topic.name!r} has no text for select: text")
