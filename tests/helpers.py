@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
+from codebook_lens.cache.build import build_cache
+from codebook_lens.cache.store import CodeCache
+from codebook_lens.core.loading import load_codebook_model
 from codebook_lens.core.selfcheck import tiny_config as shared_tiny_config
 
 VOCAB = 97
@@ -157,3 +160,14 @@ def save_tiny_bpe_codebook_model(root, vocab: int = 400):
     model.save_pretrained(out, include_base=True)
     tok.save_pretrained(str(out / "base"))
     return out
+
+
+def tiny_cache(root, model_dir, *, docs: int, lines: int, seq_len: int, batch_size: int):
+    """A cache of ``docs`` corpus documents of ``lines`` lines each (seeds 0, 1, ...) built
+    with the saved model in ``model_dir``, in ``root/cache``."""
+    loaded = load_codebook_model(model_dir)
+    texts = [corpus_text(lines, seed=s) for s in range(docs)]
+    build_cache(
+        loaded, texts, root / "cache", corpus_name="t", seq_len=seq_len, batch_size=batch_size
+    )
+    return CodeCache.open(root / "cache")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import corpus_text, save_tiny_codebook_model
+from helpers import tiny_cache, corpus_text, save_tiny_codebook_model
 
 from codebook_lens.analysis.neurons import neuron_curve, neuron_curves
 from codebook_lens.analysis.search import SearchError, matching_tokens
@@ -17,10 +17,8 @@ PATTERNS = [r"\b(19|20)\d\d\b", r"\b(January|February|March|April|May|June)\b", 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("curves")
-    loaded = load_codebook_model(save_tiny_codebook_model(root))
-    docs = [corpus_text(10, seed=s) for s in range(3)]
-    build_cache(loaded, docs, root / "cache", corpus_name="t", seq_len=16, batch_size=16)
-    return CodeCache.open(root / "cache")
+    model_dir = save_tiny_codebook_model(root)
+    return tiny_cache(root, model_dir, docs=3, lines=10, seq_len=16, batch_size=16)
 
 
 def test_neuron_curves_equal_one_curve_per_mask(cache):

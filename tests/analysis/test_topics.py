@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import corpus_text, save_tiny_bpe_codebook_model, save_tiny_codebook_model
+from helpers import tiny_cache, corpus_text, save_tiny_bpe_codebook_model, save_tiny_codebook_model
 
 from codebook_lens.analysis.search import SearchError
 from codebook_lens.analysis.topics import (
@@ -128,10 +128,8 @@ def test_word_topic_codes_refuses_bad_settings(cache):
 def bpe_cache(tmp_path_factory):
     """A cache of a model whose BPE tokenizer has words as tokens."""
     root = tmp_path_factory.mktemp("bpe")
-    loaded = load_codebook_model(save_tiny_bpe_codebook_model(root))
-    docs = [corpus_text(12, seed=s) for s in range(4)]
-    build_cache(loaded, docs, root / "cache", corpus_name="t", seq_len=32, batch_size=8)
-    return CodeCache.open(root / "cache")
+    model_dir = save_tiny_bpe_codebook_model(root)
+    return tiny_cache(root, model_dir, docs=4, lines=12, seq_len=32, batch_size=8)
 
 
 BPE_WORDS = ["boat", "apple", "tree"]

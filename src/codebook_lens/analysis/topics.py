@@ -29,6 +29,15 @@ from codebook_lens.core.model import CodebookModel
 from codebook_lens.core.refs import CodeRef
 
 
+def check_code_filter(min_count: int, max_frequency: float) -> None:
+    """Refuse a code filter (at least ``min_count`` activations, on at most
+    ``max_frequency`` of the cached tokens) that no code could pass sensibly."""
+    if not isinstance(min_count, int) or min_count < 1:
+        raise SearchError(f"min_count must be a positive integer, got {min_count!r}")
+    if not 0.0 < max_frequency <= 1.0:
+        raise SearchError(f"max_frequency must be in (0, 1], got {max_frequency}")
+
+
 def words_pattern(words: Sequence[str]) -> str:
     """An RE2 pattern matching any of ``words`` as a whole word, ignoring case."""
     cleaned = sorted({w.strip() for w in words if w.strip()}, key=len, reverse=True)
@@ -100,10 +109,7 @@ def word_topic_codes(
     Codes firing fewer than ``min_count`` times or on more than ``max_frequency`` of the
     cached tokens are left out (too rare to trust, or too generic to be about a topic).
     """
-    if not isinstance(min_count, int) or min_count < 1:
-        raise SearchError(f"min_count must be a positive integer, got {min_count!r}")
-    if not 0.0 < max_frequency <= 1.0:
-        raise SearchError(f"max_frequency must be in (0, 1], got {max_frequency}")
+    check_code_filter(min_count, max_frequency)
     ahead = words_ahead(cache, words, window)
     rate = float(ahead.mean()) if ahead.size else 0.0
     if rate == 0.0:
@@ -229,10 +235,7 @@ def effect_topic_codes(
     this is the change it makes to first order. Only codes that fire at least
     ``min_count`` times and on at most ``max_frequency`` of the cached tokens qualify
     (codes the model uses, and not generic ones)."""
-    if not isinstance(min_count, int) or min_count < 1:
-        raise SearchError(f"min_count must be a positive integer, got {min_count!r}")
-    if not 0.0 < max_frequency <= 1.0:
-        raise SearchError(f"max_frequency must be in (0, 1], got {max_frequency}")
+    check_code_filter(min_count, max_frequency)
     loaded = cache.model()
     model = loaded.model
     ids = topic_token_ids(loaded.codec, words)

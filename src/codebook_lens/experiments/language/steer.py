@@ -90,7 +90,7 @@ def select_codes(cache: CodeCache, topic: Topic, cfg: SteerSection, contexts=Non
             found = measured_topic_codes(
                 cache,
                 topic.words,
-                contexts=contexts if cfg.measure_on == "samples" else None,
+                contexts=contexts,
                 candidates_per_group=cfg.candidates_per_group,
                 target_rate=cfg.target_rate,
                 max_cost=cfg.max_cost,
@@ -237,8 +237,10 @@ def steer_topic(
     which no code qualifies keeps its unsteered samples."""
     if unsteered is None:
         unsteered = sample_unsteered(model, codec, prompts, cfg)
-    seq_len = int(cache.manifest["seq_len"])
-    contexts = sample_blocks(codec, prompts, unsteered.texts, seq_len)
+    contexts = None  # only the measured selection on the model's own samples reads them
+    if cfg.select == "measured" and cfg.measure_on == "samples":
+        seq_len = int(cache.manifest["seq_len"])
+        contexts = sample_blocks(codec, prompts, unsteered.texts, seq_len)
     codes = select_codes(cache, topic, cfg, contexts)
     steered_texts, steered = unsteered.texts, unsteered.nll
     if codes:
