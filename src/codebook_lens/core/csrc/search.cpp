@@ -279,15 +279,20 @@ void scan_scalar(Block& st, const float* tile, int64_t ldt, int64_t nc, int32_t 
 }
 
 // (lambdas do not inherit a target attribute, so the lane handlers are functions)
-__attribute__((target("avx2,fma"))) void admit_lanes8(Block& st, __m256 v, int mask,
-                                                      int64_t j0, int32_t id) {
-  alignas(32) float lane[8];
-  _mm256_store_ps(lane, v);
+// the scores of code ``id`` for the tokens ``j0 + b`` whose bit b is set in ``mask``
+void admit_lanes(Block& st, const float* lane, unsigned mask, int64_t j0, int32_t id) {
   while (mask) {
     const int b = __builtin_ctz(mask);
     mask &= mask - 1;
     st.admit(j0 + b, lane[b], id);
   }
+}
+
+__attribute__((target("avx2,fma"))) void admit_lanes8(Block& st, __m256 v, int mask,
+                                                      int64_t j0, int32_t id) {
+  alignas(32) float lane[8];
+  _mm256_store_ps(lane, v);
+  admit_lanes(st, lane, unsigned(mask), j0, id);
 }
 
 __attribute__((target("avx2,fma"))) void scan_avx2(Block& st, const float* tile, int64_t ldt,
@@ -339,11 +344,7 @@ __attribute__((target("avx512f"))) void admit_lanes16(Block& st, __m512 v, unsig
                                                        int64_t j0, int32_t id) {
   alignas(64) float lane[16];
   _mm512_store_ps(lane, v);
-  while (mask) {
-    const int b = __builtin_ctz(mask);
-    mask &= mask - 1;
-    st.admit(j0 + b, lane[b], id);
-  }
+  admit_lanes(st, lane, mask, j0, id);
 }
 
 __attribute__((target("avx512f"))) void scan_avx512(Block& st, const float* tile, int64_t ldt,
