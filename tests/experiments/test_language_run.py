@@ -153,3 +153,51 @@ def test_demo_preset_is_the_cpu_experiment_cut_down():
     assert demo.measure.cache_tokens < cpu.measure.cache_tokens
     assert demo.steer.select == cpu.steer.select == "measured"
     assert demo.steer.strength == cpu.steer.strength == 1.0
+
+
+def test_a_pretrained_network_as_it_is_with_codebooks_on_chosen_layers(files, tmp_path):
+    # net.source: a model directory (as smollm2-135m is); base.steps = 0 keeps it as it
+    # is, and codebook.layers puts codebooks on those layers only
+    import torch
+    from helpers import save_tiny_lm
+    from transformers import AutoModelForCausalLM
+
+    _, overrides = files
+    source = save_tiny_lm(tmp_path / "pretrained", family="llama")
+    layers = AutoModelForCausalLM.from_pretrained(source).config.num_hidden_layers
+    assert layers >= 2
+    cfg = load_lm_config(
+        "tiny",
+        [
+            *overrides,
+            f"net.source={source}",
+            f"net.layers={layers}",
+            "base.steps=0",
+            "codebook.sites=[attn_heads]",
+            "codebook.layers=[1]",
+            "codebook.control=false",
+        ],
+    )
+    out = tmp_path / "run"
+    metrics = run(cfg, out, log=lambda _: None)
+    assert metrics["base.loss"] > 0 and metrics["codebook.loss"] > 0
+    # the base stage is the source network, bit for bit
+    kept = load_codebook_model(out / "base" / "model").model
+    original = AutoModelForCausalLM.from_pretrained(source).eval()
+    ids = torch.tensor([[3, 14, 15, 9, 26, 5, 35]])
+    with torch.no_grad():
+        assert torch.equal(kept(ids).logits, original(ids).logits)
+    model = load_codebook_model(out / "codebook" / "model").model
+    assert sorted(model.placement.values()) == [("attn_heads", 1)]
+    assert not (out / "tokenizer").exists(), "a pretrained network keeps its own tokenizer"
+
+
+def test_pretrained_source_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="base.steps must be >= 1"):
+        load_lm_config("tiny", ["base.steps=0"])  # a network from scratch must be trained
+    with pytest.raises(ConfigError, match="net.source must be one of scratch, smollm2-135m"):
+        load_lm_config("tiny", [f"net.source={tmp_path}"])  # no config.json there
+    with pytest.raises(ConfigError, match=r"codebook.layers must be below net.layers \(1\)"):
+        load_lm_config("tiny", ["codebook.layers=[1]"])
+    with pytest.raises(ConfigError, match="codebook.layers must be distinct layer numbers"):
+        load_lm_config("tiny", ["net.layers=2", "codebook.layers=[0, 0]"])

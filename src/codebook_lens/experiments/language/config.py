@@ -73,8 +73,10 @@ class TextSection:
 @dataclasses.dataclass
 class NetSection:
     """The network. ``source: scratch`` builds a GPT-NeoX of this shape with the trained
-    tokenizer; ``source: smollm2-135m`` keeps the first ``layers`` decoder layers of the
-    offline SmolLM2 asset (with its tokenizer; the shape keys are then unused)."""
+    tokenizer. A pretrained causal LM (``smollm2-135m``, the offline SmolLM2 asset, or
+    the directory of any model saved with ``save_pretrained``) keeps its first
+    ``layers`` decoder layers and its own tokenizer (the shape keys are then unused);
+    with ``base.steps = 0`` it is the base as it is."""
 
     source: str = "scratch"
     layers: int = 2
@@ -87,7 +89,8 @@ class NetSection:
 
     def __post_init__(self) -> None:
         all_finite("net", self)
-        require(self.source in SOURCES, "net.source", self.source, f"one of {', '.join(SOURCES)}")
+        ok = self.source in SOURCES or (Path(self.source) / "config.json").is_file()
+        require(ok, "net.source", self.source, f"one of {', '.join(SOURCES)}, or a model directory")
         at_least("net", self, 1, "layers", "hidden", "heads", "mlp")
         ok = self.hidden % self.heads == 0
         require(ok, "net.heads", self.heads, f"a divisor of net.hidden ({self.hidden})")
@@ -112,9 +115,10 @@ class StageSection:
     eval_batches: int = 8
     checkpoint_every: int = 200
 
-    def check(self, name: str) -> None:
+    def check(self, name: str, min_steps: int = 1) -> None:
         all_finite(name, self)
-        at_least(name, self, 1, "steps", "batch_size", "log_every", "eval_every")
+        at_least(name, self, min_steps, "steps")
+        at_least(name, self, 1, "batch_size", "log_every", "eval_every")
         at_least(name, self, 1, "eval_batches", "checkpoint_every")
         at_least(name, self, 0, "warmup_steps")
         positive(name, self, "lr")
@@ -123,12 +127,14 @@ class StageSection:
 
 @dataclasses.dataclass
 class CodebookStageSection(StageSection):
-    """The codebook stage: codebooks on ``sites`` of every layer, trained from a copy of
-    the base (``from_base``) or from scratch with the codebooks in place. ``control``
-    also trains a copy of the base for the same steps without codebooks, so that the
-    codebook model is compared with a base of the same training budget."""
+    """The codebook stage: codebooks on ``sites`` of ``layers`` (None: every layer),
+    trained from a copy of the base (``from_base``) or from scratch with the codebooks in
+    place. ``control`` also trains a copy of the base for the same steps without
+    codebooks, so that the codebook model is compared with a base of the same training
+    budget."""
 
     sites: list[str] = dataclasses.field(default_factory=lambda: ["attn_heads", "mlp"])
+    layers: list[int] | None = None
     attn_num_codes: int = 1024
     attn_k: int = 8
     mlp_num_codes: int = 2048
@@ -155,6 +161,10 @@ class CodebookStageSection(StageSection):
         positive(name, self, "codebook_lr")
         non_negative(name, self, "commitment_weight", "distill_weight")
         at_least(name, self, 1, "kmeans_tokens", "revive_after_steps")
+        if self.layers is not None:
+            ok = bool(self.layers) and all(isinstance(i, int) and i >= 0 for i in self.layers)
+            ok = ok and len(set(self.layers)) == len(self.layers)
+            require(ok, f"{name}.layers", self.layers, "distinct layer numbers >= 0, or null")
         for site in sites:
             codes, k = self.num_codes(site), self.k(site)
             key = f"{name}.{'attn' if site == 'attn_heads' else 'mlp'}_k"
@@ -181,6 +191,7 @@ class CodebookStageSection(StageSection):
                     similarity=self.similarity,
                     commitment_weight=self.commitment_weight,
                 ),
+                self.layers,
             )
             for site in self.sites
         ]
@@ -272,8 +283,12 @@ class LMExperimentConfig:
     steer: SteerSection = dataclasses.field(default_factory=SteerSection)
 
     def __post_init__(self) -> None:
-        self.base.check("base")
+        # a pretrained network may be used as it is (base.steps = 0)
+        self.base.check("base", min_steps=0 if self.net.source != "scratch" else 1)
         self.codebook.check("codebook")
+        layers = self.codebook.layers or []
+        ok = all(i < self.net.layers for i in layers)
+        require(ok, "codebook.layers", layers, f"below net.layers ({self.net.layers})")
 
 
 PRESETS: dict[str, dict] = {
@@ -326,6 +341,35 @@ PRESETS: dict[str, dict] = {
         },
         "measure": {"eval_batches": 8, "ablation_batches": 8, "cache_tokens": 60_000},
         "steer": {"select": "measured", "candidates_per_group": 4},
+    },
+    # SmolLM2-135M (the offline asset) as it is, with codebooks on the attention heads of
+    # some of its layers, trained with the network frozen on the LM loss plus the KL to
+    # SmolLM2 (route c of docs/results/language.md)
+    "smollm2": {
+        "net": {"source": "smollm2-135m", "layers": 30},
+        "data": {"max_train_tokens": 2_000_000},
+        "base": {"steps": 0, "batch_size": 8},
+        "codebook": {
+            "sites": ["attn_heads"],
+            "layers": [6, 10, 14, 18],
+            "steps": 100,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "codebook_lr": 1e-3,
+            "warmup_steps": 10,
+            "attn_num_codes": 1024,
+            "attn_k": 8,
+            "kmeans_tokens": 16384,
+            "freeze_base": True,
+            "distill_weight": 1.0,
+            "control": False,
+            "eval_every": 50,
+            "eval_batches": 4,
+            "checkpoint_every": 50,
+            "log_every": 10,
+        },
+        "measure": {"eval_batches": 16, "ablation_batches": 8, "cache_tokens": 40_000},
+        "steer": {"select": "text"},
     },
     # a larger network and longer training, meant for a GPU
     "paper": {

@@ -33,16 +33,17 @@ import torch
 
 from codebook_lens.cache.build import build_cache
 from codebook_lens.cache.store import CodeCache
+from codebook_lens.core import sites as S
 from codebook_lens.core.files import check_output_dir
 from codebook_lens.core.loading import load_codebook_model
-from codebook_lens.core.model import CodebookModel, SiteSpec
-from codebook_lens.data.assets import smollm2_dir
+from codebook_lens.core.model import CodebookModel, CodebookModelConfig, SiteSpec
 from codebook_lens.data.documents import Blocks, iter_documents, tokenize_documents
 from codebook_lens.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from codebook_lens.experiments.language import evaluate as E
 from codebook_lens.experiments.language.config import (
     REGEX_FILE,
     TOPIC_FILE,
+    ConfigError,
     LMExperimentConfig,
     load_lm_config,
     stage_config,
@@ -57,7 +58,7 @@ from codebook_lens.experiments.language.steer import (
     steering_summary,
 )
 from codebook_lens.training.config import to_dict
-from codebook_lens.training.loop import TrainData, train
+from codebook_lens.training.loop import TrainData, load_base, resolve_model_path, train
 
 __all__ = ["METRIC_KEYS", "build_base", "load_lm_config", "run"]
 
@@ -81,8 +82,8 @@ def tokenizer_stage(cfg: LMExperimentConfig, out: Path, log: Log):
     """The run's tokenizer: trained on the training split (or SmolLM2's own)."""
     from transformers import AutoTokenizer
 
-    if cfg.net.source == "smollm2-135m":
-        return AutoTokenizer.from_pretrained(str(smollm2_dir()))
+    if cfg.net.source != "scratch":
+        return AutoTokenizer.from_pretrained(resolve_model_path(cfg.net.source))
     directory = out / "tokenizer"
     settings = {"tokenizer": to_dict(cfg.tokenizer), "corpus": cfg.data.corpus}
     if _stamped(directory, settings, log, "tokenizer"):
@@ -112,14 +113,20 @@ def token_data(cfg: LMExperimentConfig, tokenizer) -> TrainData:
 
 def build_base(cfg: LMExperimentConfig, tokenizer, seed: int):
     """A fresh GPT-NeoX of ``cfg.net`` for ``tokenizer`` (``source: scratch``), or the
-    first ``net.layers`` layers of SmolLM2 (``source: smollm2-135m``)."""
+    first ``net.layers`` layers of a pretrained network (SmolLM2 or a model directory)."""
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
     torch.manual_seed(seed)
     net = cfg.net
-    if net.source == "smollm2-135m":
-        base = AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), dtype=torch.float32)
-        base.model.layers = base.model.layers[: net.layers]
+    if net.source != "scratch":
+        base, _ = load_base(net.source)
+        layers = S.decoder_layers(base)
+        if net.layers > len(layers):
+            raise ConfigError(
+                f"net.layers={net.layers} but {net.source} has {len(layers)} decoder layers"
+            )
+        owner, _, attr = S.family_of(base)[1].layers.rpartition(".")
+        setattr(base.get_submodule(owner), attr, layers[: net.layers])
         base.config.num_hidden_layers = net.layers
         if getattr(base.config, "layer_types", None):
             base.config.layer_types = base.config.layer_types[: net.layers]
@@ -166,12 +173,32 @@ def _fingerprint(cfg: LMExperimentConfig, name: str, out: Path) -> dict:
     }
 
 
+def keep_base(cfg: LMExperimentConfig, out: Path, start, tokenizer, log: Log) -> CodebookModel:
+    """The base stage of a pretrained network used as it is (``base.steps = 0``): the
+    network is saved where a trained base would be, for the stages that load it."""
+    stage_dir = out / "base"
+    model_dir = stage_dir / "model"
+    settings = {"net": to_dict(cfg.net), "steps": 0}
+    if not _stamped(stage_dir, settings, log, "base"):
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "stage.json").write_text(json.dumps(settings, indent=2))
+        log(f"base: {cfg.net.source} as it is (base.steps = 0)")
+        kept = CodebookModel(start, CodebookModelConfig([]))
+        kept.save_pretrained(model_dir, include_base=True, source={"codec": {"kind": "tokenizer"}})
+        tokenizer.save_pretrained(str(model_dir / "base"))
+        kept.remove_hooks()
+        (stage_dir / "done.json").write_text(json.dumps({"seconds": 0.0}))
+    return CodebookModel.from_pretrained(model_dir).eval()
+
+
 def train_stage(
     cfg: LMExperimentConfig, name: str, out: Path, start, data: TrainData, tokenizer, log: Log
 ) -> tuple[CodebookModel, float]:
     """Train stage ``name`` from the network ``start`` (or load it when a finished stage
     of the same settings is there; resume it from its last checkpoint when an unfinished
     one is). Returns the trained model and the stage's training seconds."""
+    if name == "base" and cfg.base.steps == 0:
+        return keep_base(cfg, out, start, tokenizer, log), 0.0
     tcfg = stage_config(cfg, name, out)
     stage_dir = out / name
     model_dir = stage_dir / "model"
