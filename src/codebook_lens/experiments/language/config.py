@@ -344,7 +344,8 @@ PRESETS: dict[str, dict] = {
     },
     # SmolLM2-135M (the offline asset) as it is, with codebooks on the attention heads of
     # some of its layers, trained with the network frozen on the LM loss plus the KL to
-    # SmolLM2 (route c of docs/results/language.md)
+    # SmolLM2 (route c' of docs/results/language.md: it meets the loss target; no topic
+    # steered)
     "smollm2": {
         "net": {"source": "smollm2-135m", "layers": 30},
         "data": {"max_train_tokens": 2_000_000},
