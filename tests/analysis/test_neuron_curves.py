@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from helpers import tiny_cache, corpus_text, save_tiny_codebook_model
+from helpers import save_tiny_codebook_model, tiny_cache
 
 from codebook_lens.analysis.neurons import neuron_curve, neuron_curves
 from codebook_lens.analysis.search import SearchError, matching_tokens
-from codebook_lens.cache.build import build_cache
-from codebook_lens.cache.store import CodeCache
-from codebook_lens.core.loading import load_codebook_model
 
 PATTERNS = [r"\b(19|20)\d\d\b", r"\b(January|February|March|April|May|June)\b", r"[a-z]s\b"]
 

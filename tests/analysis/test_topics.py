@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_cache, corpus_text, save_tiny_bpe_codebook_model, save_tiny_codebook_model
+from helpers import corpus_text, save_tiny_bpe_codebook_model, save_tiny_codebook_model, tiny_cache
 
 from codebook_lens.analysis.search import SearchError
 from codebook_lens.analysis.topics import (

@@ -7,7 +7,9 @@ import json
 import re
 
 import pytest
-from helpers import corpus_text
+import torch
+from helpers import corpus_text, save_tiny_lm
+from transformers import AutoModelForCausalLM
 
 from codebook_lens.cli.main import main
 from codebook_lens.core.loading import load_codebook_model
@@ -158,10 +160,6 @@ def test_demo_preset_is_the_cpu_experiment_cut_down():
 def test_a_pretrained_network_as_it_is_with_codebooks_on_chosen_layers(files, tmp_path):
     # net.source: a model directory (as smollm2-135m is); base.steps = 0 keeps it as it
     # is, and codebook.layers puts codebooks on those layers only
-    import torch
-    from helpers import save_tiny_lm
-    from transformers import AutoModelForCausalLM
-
     _, overrides = files
     source = save_tiny_lm(tmp_path / "pretrained", family="llama")
     layers = AutoModelForCausalLM.from_pretrained(source).config.num_hidden_layers

@@ -7,13 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_cache, corpus_text, save_tiny_bpe_codebook_model
+from helpers import save_tiny_bpe_codebook_model, tiny_cache
 
 from codebook_lens.analysis.search import SearchError
 from codebook_lens.analysis.topics import topic_token_ids
-from codebook_lens.cache.build import build_cache
-from codebook_lens.cache.store import CodeCache
-from codebook_lens.core.loading import load_codebook_model
 from codebook_lens.steering.intervene import Intervention, apply_intervention
 from codebook_lens.steering.topic_codes import forced_log_probs, forcing_of, measured_topic_codes
 

@@ -355,8 +355,7 @@ PRESETS: dict[str, dict] = {
             "layers": [6, 10, 14, 18],
             "steps": 100,
             "batch_size": 8,
-            "lr": 1e-3,
-            "codebook_lr": 1e-3,
+            "codebook_lr": 1e-3,  # the network is frozen: its lr is unused
             "warmup_steps": 10,
             "attn_num_codes": 1024,
             "attn_k": 8,

@@ -79,7 +79,7 @@ def _stamped(directory: Path, settings: dict, log: Log, what: str) -> bool:
 
 
 def tokenizer_stage(cfg: LMExperimentConfig, out: Path, log: Log):
-    """The run's tokenizer: trained on the training split (or SmolLM2's own)."""
+    """The run's tokenizer: trained on the training split, or a pretrained network's own."""
     from transformers import AutoTokenizer
 
     if cfg.net.source != "scratch":
