@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from codebook_lens.cli.main import main
 from codebook_lens.core.loading import load_codebook_model
-from codebook_lens.experiments.language.config import ConfigError, load_lm_config
+from codebook_lens.experiments.language.config import ConfigError, load_lm_config, stage_config
 from codebook_lens.experiments.language.files import load_topics
 from codebook_lens.experiments.language.measures import topic_share
 from codebook_lens.experiments.language.metrics import METRIC_KEYS
@@ -199,3 +199,13 @@ def test_pretrained_source_settings_are_checked(tmp_path):
         load_lm_config("tiny", ["codebook.layers=[1]"])
     with pytest.raises(ConfigError, match="codebook.layers must be distinct layer numbers"):
         load_lm_config("tiny", ["net.layers=2", "codebook.layers=[0, 0]"])
+
+
+def test_codes_first_then_the_network_settings_reach_the_training_stage(tmp_path):
+    cfg = load_lm_config("tiny", ["codebook.freeze_base_steps=2", "codebook.distill_weight=1"])
+    optim = stage_config(cfg, "codebook", tmp_path).optim
+    assert optim.freeze_base_steps == 2 and not optim.freeze_base and optim.distill_weight == 1
+    with pytest.raises(ConfigError, match="codebook.freeze_base_steps must be below codebook"):
+        load_lm_config("tiny", ["codebook.freeze_base_steps=4"])
+    with pytest.raises(ConfigError, match="codebook.freeze_base must be false with freeze_base"):
+        load_lm_config("tiny", ["codebook.freeze_base_steps=2", "codebook.freeze_base=true"])

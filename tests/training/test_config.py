@@ -53,7 +53,7 @@ def test_defaults_and_overrides(tmp_path):
         ("schedule:\n  scheduler: step\n", "must be one of 'cosine', 'linear', 'constant'"),
         ("optim:\n  freeze_base: 1\n", "optim.freeze_base must be true or false"),
         ("data:\n  eval_fraction: 2\n", r"data.eval_fraction must be in \(0, 1\)"),
-        ("optim:\n  distill_weight: 1\n", "needs optim.freeze_base: true"),
+        ("optim:\n  freeze_base_steps: -1\n", "optim.freeze_base_steps must be"),
         ("optim:\n  lm_weight: -1\n", r"optim.lm_weight must be finite and >= 0, got -1"),
         ("optim:\n  distill_weight: .nan\n", "optim.distill_weight must be finite"),
         ("- a\n- b\n", "must hold a mapping"),

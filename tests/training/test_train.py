@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from codebook_lens.cli.main import main as cli_main
 from codebook_lens.training.config import load_train_config
-from codebook_lens.training.loop import TrainError, distill_loss, train
+from codebook_lens.training.loop import TrainError, distill_loss, lr_lambda, train
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +147,69 @@ def test_distillation_pulls_the_codebook_model_toward_the_base(tiny_dir, tmp_pat
     assert kls[-1] < 0.5 * kls[0], kls
 
 
+def _network(path):
+    return load_file(str(path / "model" / "base" / "model.safetensors"))
+
+
+def test_freeze_base_steps_trains_the_codes_first_then_the_network(tiny_dir, tmp_path):
+    """For the first optim.freeze_base_steps steps only the codes move; the network
+    trains after them, and a run resumed across that boundary equals one that was not
+    interrupted."""
+    extra = ["optim.freeze_base_steps=3", "schedule.max_steps=6", "checkpoint.every=1"]
+    source = load_file(str(tiny_dir / "model" / "model.safetensors"))
+    train(make_cfg(tiny_dir, tmp_path / "cut", *extra), stop_at_step=3)
+    frozen = load_file(
+        str(tmp_path / "cut" / "checkpoints" / "step-0000003" / "weights.safetensors")
+    )
+    moved = [k for k in frozen if k.startswith("codebooks.")]
+    assert moved
+    stored = [k for k in source if f"model.{k}" in frozen]  # tied weights are stored once
+    assert len(stored) >= len(source) - 1
+    for key in stored:  # the network has not moved in the first three steps
+        assert torch.equal(frozen[f"model.{key}"], source[key]), key
+    train(make_cfg(tiny_dir, tmp_path / "cut", *extra), resume=True)
+    train(make_cfg(tiny_dir, tmp_path / "full", *extra))
+    cut, full = _network(tmp_path / "cut"), _network(tmp_path / "full")
+    assert any(not torch.equal(full[k], source[k]) for k in source)  # it trained after
+    for key in full:
+        assert torch.equal(full[key], cut[key]), key
+    records = [
+        json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    ]
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert lrs[2] == 0.0 and lrs[4] > 0.0  # the network's learning rate: 0 while frozen
+
+
+def test_lr_lambda_with_a_delay_schedules_the_steps_after_it(tiny_dir, tmp_path):
+    cfg = make_cfg(tiny_dir, tmp_path / "x", "schedule.max_steps=10", "schedule.warmup_steps=2")
+    plain, delayed = lr_lambda(cfg), lr_lambda(cfg, delay=4)
+    assert [delayed(s) for s in range(4)] == [0.0] * 4
+    assert delayed(4) == pytest.approx(1 / 2) and delayed(5) == pytest.approx(1.0)
+    # after the delay: warmup, then a cosine over the 6 - 2 = 4 remaining steps
+    assert delayed(7) == pytest.approx(0.5 * (1 + math.cos(math.pi * 1 / 4)))
+    assert plain(7) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 8)))
+
+
+def test_distillation_with_the_network_training_uses_a_frozen_copy_of_the_base(tiny_dir, tmp_path):
+    """With the network training along, the teacher is the base as it was before the
+    first step. Without codebooks the KL is then 0 at the first step and grows as the
+    LM loss moves the network away (a teacher that moved with the network, the model with
+    its codebooks off, would keep it at 0)."""
+    extra = ["codebooks.sites=[]", "optim.distill_weight=1", "optim.lr=0.01"]
+    extra += ["schedule.max_steps=4", "schedule.grad_accum=1", "logging.every=1"]
+    extra += ["schedule.scheduler=constant", "schedule.warmup_steps=0"]
+    train(make_cfg(tiny_dir, tmp_path / "d", *extra))
+    records = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    kls = [r["distill_kl"] for r in records if "distill_kl" in r]
+    assert len(kls) == 4 and kls[0] == 0.0
+    assert kls[1] > 1e-3 and kls[3] > kls[1], kls
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [
+        (["optim.freeze_base_steps=6"], "optim.freeze_base_steps must be below schedule"),
+        (["optim.freeze_base_steps=2", "optim.freeze_base=true"], "needs optim.freeze_base: false"),
         (["model.path=/nonexistent/model"], "does not exist"),
         (["data.corpus=/nonexistent/corpus"], "neither 'offline' nor an existing"),
         (["codebooks.sites=[{site: ffn}]"], "site 'ffn' is not supported"),

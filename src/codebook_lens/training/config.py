@@ -310,14 +310,20 @@ class CodebooksSection:
 @dataclasses.dataclass
 class OptimSection:
     """lm_weight and distill_weight weigh the two output terms of the loss: the LM
-    cross-entropy and the KL divergence from the model with its codebooks off (the base
-    model) to the codebook model, per token. Distillation needs ``freeze_base``: the
-    teacher is the same frozen weights run without codebooks, at no memory cost."""
+    cross-entropy and the KL divergence from the base model (the network as it was
+    before training, without codebooks) to the codebook model, per token. With
+    ``freeze_base`` the teacher is the same frozen weights run without codebooks, at no
+    memory cost; otherwise a frozen copy of the base is kept as the teacher.
+
+    ``freeze_base_steps``: the network stays frozen for the first steps (only the codes
+    train), then trains along with the codes, with its learning rate warmed up and
+    scheduled over the remaining steps (``freeze_base`` must be false)."""
 
     lr: float = 1e-4
     codebook_lr: float = 1e-3
     weight_decay: float = 0.0
     freeze_base: bool = False
+    freeze_base_steps: int = 0
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float | None = 1.0
     lm_weight: float = 1.0
@@ -334,10 +340,11 @@ class OptimSection:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"optim.{name} must be finite and >= 0, got {value}")
-        if self.distill_weight > 0 and not self.freeze_base:
+        at_least("optim", self, 0, "freeze_base_steps")
+        if self.freeze_base_steps and self.freeze_base:
             raise ConfigError(
-                "optim.distill_weight > 0 needs optim.freeze_base: true (the teacher is the "
-                "frozen base model run without its codebooks)"
+                "optim.freeze_base_steps needs optim.freeze_base: false (the network is "
+                "frozen for the whole run already)"
             )
 
 
@@ -398,6 +405,16 @@ class TrainConfig:
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+
+    def __post_init__(self) -> None:
+        steps = self.optim.freeze_base_steps
+        ok = steps < self.schedule.max_steps
+        require(
+            ok,
+            "optim.freeze_base_steps",
+            steps,
+            f"below schedule.max_steps ({self.schedule.max_steps})",
+        )
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -14,6 +14,7 @@ asked); checkpoints to ``OUTPUT/checkpoints`` (atomic); the final model to
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -80,10 +81,17 @@ def build_model(cfg: TrainConfig, base) -> CodebookModel:
     return CodebookModel(base, CodebookModelConfig(list(cfg.codebooks.sites)))
 
 
-def lr_lambda(cfg: TrainConfig):
-    warm, total, kind = cfg.schedule.warmup_steps, cfg.schedule.max_steps, cfg.schedule.scheduler
+def lr_lambda(cfg: TrainConfig, delay: int = 0):
+    """The learning-rate factor of a step: linear warmup, then the configured decay to the
+    last step. With a ``delay`` the factor is 0 for the first ``delay`` steps and the
+    schedule runs over the steps after them."""
+    warm, kind = cfg.schedule.warmup_steps, cfg.schedule.scheduler
+    total = cfg.schedule.max_steps - delay
 
     def factor(step: int) -> float:
+        step -= delay
+        if step < 0:
+            return 0.0
         if step < warm:
             return (step + 1) / warm
         if kind == "constant":
@@ -94,13 +102,32 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
+def lr_lambdas(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> list:
+    """One factor per parameter group of :func:`make_optimizer`: the network's (``lr``)
+    starts after ``optim.freeze_base_steps``."""
+    delay = cfg.optim.freeze_base_steps
+    return [lr_lambda(cfg, delay if g["name"] == "lr" else 0) for g in optimizer.param_groups]
+
+
+def network_params(model: CodebookModel) -> list[torch.nn.Parameter]:
+    """The parameters of the network under the codebooks."""
+    code_ids = {id(p) for p in model.codebooks.parameters()}
+    return [p for p in model.parameters() if id(p) not in code_ids]
+
+
+def set_network_trainable(model: CodebookModel, cfg: TrainConfig, step: int) -> None:
+    """Freeze the network before ``optim.freeze_base_steps`` (or for good with
+    ``optim.freeze_base``), train it after: frozen weights get no gradient, so the
+    optimiser leaves them and their moments alone."""
+    trainable = not cfg.optim.freeze_base and step >= cfg.optim.freeze_base_steps
+    for p in network_params(model):
+        p.requires_grad_(trainable)
+
+
 def make_optimizer(cfg: TrainConfig, model: CodebookModel) -> torch.optim.Optimizer:
     code_params = list(model.codebooks.parameters())
-    code_ids = {id(p) for p in code_params}
-    base_params = [p for p in model.parameters() if id(p) not in code_ids]
-    if cfg.optim.freeze_base:
-        for p in base_params:
-            p.requires_grad_(False)
+    base_params = network_params(model)
+    set_network_trainable(model, cfg, 0)
     groups = []
     if code_params:
         groups.append(
@@ -302,6 +329,17 @@ def train(
     if base is None:
         base, tokenizer = load_base(cfg.model.path, cfg.model.dtype)
         source.setdefault("base", str(Path(resolve_model_path(cfg.model.path)).resolve()))
+    if cfg.optim.freeze_base_steps and world > 1:
+        raise TrainError(
+            "optim.freeze_base_steps is not supported across processes (DDP fixes the "
+            "trainable parameters when it wraps the model); run on one process"
+        )
+    # the teacher of distillation: the frozen network run without codebooks, or a frozen
+    # copy of the base when the network trains
+    teacher = None
+    if cfg.optim.distill_weight > 0 and not cfg.optim.freeze_base:
+        teacher = copy.deepcopy(base).eval().to(accelerator.device)
+        teacher.requires_grad_(False)
     model = build_model(cfg, base)
     seq = cfg.data.seq_len
     max_pos = getattr(base.config, "max_position_embeddings", None)
@@ -330,7 +368,7 @@ def train(
         )
     model.track_usage(True)
     optimizer = make_optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(cfg, optimizer))
     if resume and existing:
         path, start_step = ckpt.restore(
             existing, model, optimizer, scheduler, print if main else lambda _: None
@@ -353,6 +391,7 @@ def train(
         stop_at_step,
         desc,
         source,
+        teacher,
     )
 
 
@@ -393,8 +432,10 @@ def _loop(
     stop_at_step,
     desc,
     source,
+    teacher=None,
 ) -> dict:
-    """The optimisation loop proper (after setup and any resume)."""
+    """The optimisation loop proper (after setup and any resume). ``teacher``: the
+    distillation teacher when it is not the model itself with its codebooks off."""
     world, rank, main = (
         accelerator.num_processes,
         accelerator.process_index,
@@ -432,6 +473,8 @@ def _loop(
     )
     for step in bar:
         t0 = time.perf_counter()
+        if cfg.optim.freeze_base_steps:
+            set_network_trainable(raw, cfg, step)
         for micro in range(accum):
             index = (step * accum + micro) * world + rank
             batch, labels = _inputs_and_labels(
@@ -441,14 +484,16 @@ def _loop(
             sync = micro == accum - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
-                teacher = None
                 if distill:
                     with torch.no_grad(), raw.codebooks_disabled():
-                        teacher = model(batch, return_codes=False).logits
+                        if teacher is None:
+                            target = model(batch, return_codes=False).logits
+                        else:
+                            target = teacher(batch).logits
                 out = model(batch, labels=labels, return_codes=False)
                 loss = out.reconstruction_loss + cfg.optim.lm_weight * out.lm_loss
-                if teacher is not None:
-                    kl = distill_loss(out.logits, teacher, labels)
+                if distill:
+                    kl = distill_loss(out.logits, target, labels)
                     loss = loss + cfg.optim.distill_weight * kl
                     window.kl += kl.item() / accum
                 loss = loss / accum

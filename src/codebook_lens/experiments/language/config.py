@@ -129,7 +129,9 @@ class StageSection:
 class CodebookStageSection(StageSection):
     """The codebook stage: codebooks on ``sites`` of ``layers`` (None: every layer),
     trained from a copy of the base (``from_base``) or from scratch with the codebooks in
-    place. ``control`` also trains a copy of the base for the same steps without
+    place. The network is frozen (``freeze_base``), trains along, or trains along after
+    the first ``freeze_base_steps`` steps, in which only the codes train; with
+    ``distill_weight`` the loss adds the KL from the base to the codebook model. ``control`` also trains a copy of the base for the same steps without
     codebooks, so that the codebook model is compared with a base of the same training
     budget."""
 
@@ -147,6 +149,7 @@ class CodebookStageSection(StageSection):
     revive_after_steps: int | None = 50
     from_base: bool = True
     freeze_base: bool = False
+    freeze_base_steps: int = 0  # the network trains along after these steps
     distill_weight: float = 0.0
     control: bool = True
 
@@ -169,8 +172,13 @@ class CodebookStageSection(StageSection):
             codes, k = self.num_codes(site), self.k(site)
             key = f"{name}.{'attn' if site == 'attn_heads' else 'mlp'}_k"
             require(1 <= k < codes, key, k, f"in 1..{codes - 1} (below the number of codes)")
-        if self.distill_weight > 0:
-            require(self.freeze_base, f"{name}.freeze_base", False, "true with distill_weight > 0")
+        at_least(name, self, 0, "freeze_base_steps")
+        ok = self.freeze_base_steps < self.steps
+        require(ok, f"{name}.freeze_base_steps", self.freeze_base_steps, f"below {name}.steps")
+        if self.freeze_base_steps:
+            require(
+                not self.freeze_base, f"{name}.freeze_base", True, "false with freeze_base_steps"
+            )
         if not self.from_base:
             require(not self.freeze_base, f"{name}.freeze_base", True, "false without from_base")
 
@@ -446,6 +454,7 @@ def stage_config(cfg: LMExperimentConfig, name: str, out: Path) -> TrainConfig:
             weight_decay=c.weight_decay,
             grad_clip=1.0,
             freeze_base=c.freeze_base,
+            freeze_base_steps=c.freeze_base_steps,
             distill_weight=c.distill_weight,
         )
     return TrainConfig(
