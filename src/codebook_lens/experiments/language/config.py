@@ -310,7 +310,7 @@ PRESETS: dict[str, dict] = {
     # the codes alone left +0.48 nats (150 steps) or +0.40 (400 steps). So the codes
     # train alone for 250 steps, then the network along with them for 250 more, with a
     # commitment loss (without it the second half diverged) and the KL to the base:
-    # +0.30 in the measured probe
+    # +0.30 in the probe, +0.292 end to end (38 min 53 s alone)
     "cpu": {
         "base": {"steps": 2800, "eval_every": 400, "eval_batches": 16, "checkpoint_every": 400},
         "codebook": {
