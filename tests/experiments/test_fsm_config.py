@@ -130,6 +130,9 @@ def test_runs_stamped_with_plain_site_options_are_still_recognised():
     changed = json.loads(json.dumps(old))
     changed["train"]["codebooks"]["sites"][1]["codebook"]["num_codes"] = 2048
     assert run_module._fingerprint(changed) != run_module._fingerprint(typed)
+    # a stamp written before an option existed (left at its default) is the same too
+    del old["train"]["optim"]["freeze_base_steps"]
+    assert run_module._fingerprint(old) == run_module._fingerprint(typed)
 
 
 def test_the_run_module_still_offers_the_config():

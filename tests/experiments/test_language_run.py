@@ -17,7 +17,7 @@ from codebook_lens.experiments.language.config import ConfigError, load_lm_confi
 from codebook_lens.experiments.language.files import load_topics
 from codebook_lens.experiments.language.measures import topic_share
 from codebook_lens.experiments.language.metrics import METRIC_KEYS
-from codebook_lens.experiments.language.run import run
+from codebook_lens.experiments.language.run import _fingerprint, _stamped, run
 from codebook_lens.steering.sampling import generate
 
 TOPICS = """
@@ -209,3 +209,22 @@ def test_codes_first_then_the_network_settings_reach_the_training_stage(tmp_path
         load_lm_config("tiny", ["codebook.freeze_base_steps=4"])
     with pytest.raises(ConfigError, match="codebook.freeze_base must be false with freeze_base"):
         load_lm_config("tiny", ["codebook.freeze_base_steps=2", "codebook.freeze_base=true"])
+
+
+def test_a_stage_stamped_before_an_option_existed_is_still_reused(tmp_path):
+    """A finished stage whose stamp predates an option (here optim.freeze_base_steps,
+    left at its default) is the same settings: it is loaded, not removed and retrained;
+    a stamp of other settings is removed."""
+
+    cfg = load_lm_config("tiny")
+    settings = _fingerprint(cfg, "codebook", tmp_path)
+    old = json.loads(json.dumps(settings))
+    del old["train"]["optim"]["freeze_base_steps"]
+    stage = tmp_path / "codebook"
+    stage.mkdir()
+    (stage / "stage.json").write_text(json.dumps(old))
+    (stage / "done.json").write_text("{}")
+    assert _stamped(stage, settings, print, "codebook") and stage.exists()
+    old["train"]["optim"]["lr"] = 1.0
+    (stage / "stage.json").write_text(json.dumps(old))
+    assert not _stamped(stage, settings, print, "codebook") and not stage.exists()

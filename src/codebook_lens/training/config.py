@@ -421,3 +421,17 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     """A :class:`TrainConfig` from a YAML file (or defaults) plus ``key=value`` overrides."""
     data = load_yaml(path) if path is not None else {}
     return from_dict(TrainConfig, apply_overrides(data, overrides or []))
+
+
+def train_settings(data: dict) -> dict | None:
+    """The settings of a stored training config (a stage's stamp, say) as they read
+    today, without ``output_dir``: keys added to the config since it was written take
+    their defaults, so that a new option left at its default does not make an old run
+    look different. ``None`` when it no longer makes a valid config."""
+    try:
+        cfg = from_dict(TrainConfig, {**data, "output_dir": "."})
+    except ConfigError:
+        return None
+    settings = to_dict(cfg)
+    settings.pop("output_dir")
+    return settings

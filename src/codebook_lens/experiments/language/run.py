@@ -36,7 +36,7 @@ from codebook_lens.cache.store import CodeCache
 from codebook_lens.core import sites as S
 from codebook_lens.core.files import check_output_dir
 from codebook_lens.core.loading import load_codebook_model
-from codebook_lens.core.model import CodebookModel, CodebookModelConfig, SiteSpec
+from codebook_lens.core.model import CodebookModel, CodebookModelConfig
 from codebook_lens.data.documents import Blocks, iter_documents, tokenize_documents
 from codebook_lens.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from codebook_lens.experiments.language import evaluate as E
@@ -57,7 +57,7 @@ from codebook_lens.experiments.language.steer import (
     steer_topic,
     steering_summary,
 )
-from codebook_lens.training.config import to_dict
+from codebook_lens.training.config import to_dict, train_settings
 from codebook_lens.training.loop import TrainData, load_base, resolve_model_path, train
 
 __all__ = ["METRIC_KEYS", "build_base", "load_lm_config", "run"]
@@ -72,7 +72,7 @@ def _stamped(directory: Path, settings: dict, log: Log, what: str) -> bool:
     """Whether ``directory`` holds a finished stage of these ``settings``; a stage of
     other settings is removed (and a fresh one is started)."""
     stamp = directory / "stage.json"
-    if stamp.exists() and json.loads(stamp.read_text()) != settings:
+    if stamp.exists() and _canonical(json.loads(stamp.read_text())) != _canonical(settings):
         log(f"{what}: settings changed since the last run in {directory}; starting afresh")
         shutil.rmtree(directory)
     return (directory / "done.json").exists()
@@ -157,14 +157,18 @@ def build_base(cfg: LMExperimentConfig, tokenizer, seed: int):
 # training stages
 
 
+def _canonical(settings: dict) -> dict:
+    """Stage settings with their training config written out in full (see
+    :func:`codebook_lens.training.config.train_settings`)."""
+    if isinstance(settings.get("train"), dict):
+        return {**settings, "train": train_settings(settings["train"])}
+    return settings
+
+
 def _fingerprint(cfg: LMExperimentConfig, name: str, out: Path) -> dict:
     """A stage's settings without where it lives (a moved run reuses its models)."""
-    tcfg = to_dict(stage_config(cfg, name, out))
-    tcfg.pop("output_dir")
-    sites = tcfg["codebooks"]["sites"]
-    tcfg["codebooks"]["sites"] = [SiteSpec.from_dict(s).to_dict() for s in sites]
     return {
-        "train": tcfg,
+        "train": train_settings(to_dict(stage_config(cfg, name, out))),
         "tokenizer": to_dict(cfg.tokenizer),
         "data": to_dict(cfg.data),
         "net": to_dict(cfg.net),

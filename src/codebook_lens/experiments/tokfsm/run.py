@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from codebook_lens.core.files import check_output_dir
-from codebook_lens.core.model import CodebookModel, SiteSpec
+from codebook_lens.core.model import CodebookModel
 from codebook_lens.data.fsm import FSM, FSMData
 from codebook_lens.experiments.tokfsm import analysis as A
 from codebook_lens.experiments.tokfsm import classify as C
@@ -44,7 +44,7 @@ from codebook_lens.experiments.tokfsm.task import (
     parity_rope_theta,
     state_metrics,
 )
-from codebook_lens.training.config import to_dict
+from codebook_lens.training.config import to_dict, train_settings
 from codebook_lens.training.loop import TrainData, train
 
 # the config (codebook_lens.experiments.tokfsm.config) stays importable from here
@@ -114,14 +114,10 @@ def _stage(
 def _fingerprint(stage: dict) -> dict:
     """A stage's settings without where it lives: a moved or copied run reuses its models.
 
-    Codebook sites are written out in full (every codebook option), so that a stamp of a
-    run that recorded only the options it set means the same settings."""
-    train = {k: v for k, v in stage.get("train", {}).items() if k != "output_dir"}
-    codebooks = train.get("codebooks")
-    if isinstance(codebooks, dict) and codebooks.get("sites"):
-        sites = [SiteSpec.from_dict(site).to_dict() for site in codebooks["sites"]]
-        train["codebooks"] = {**codebooks, "sites": sites}
-    return {**stage, "train": train}
+    The training settings are written out in full (every option, codebook options
+    included), so that a stamp of a run that recorded only the options it set, or that
+    predates an option left at its default, means the same settings."""
+    return {**stage, "train": train_settings(stage.get("train", {}))}
 
 
 def build_base(cfg: FSMExperimentConfig, fsm: FSM, seed: int):
