@@ -127,7 +127,8 @@ def set_network_trainable(model: CodebookModel, cfg: TrainConfig, step: int) -> 
 def make_optimizer(cfg: TrainConfig, model: CodebookModel) -> torch.optim.Optimizer:
     code_params = list(model.codebooks.parameters())
     base_params = network_params(model)
-    set_network_trainable(model, cfg, 0)
+    if cfg.optim.freeze_base or cfg.optim.freeze_base_steps:
+        set_network_trainable(model, cfg, 0)
     groups = []
     if code_params:
         groups.append(

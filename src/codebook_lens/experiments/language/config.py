@@ -131,9 +131,9 @@ class CodebookStageSection(StageSection):
     trained from a copy of the base (``from_base``) or from scratch with the codebooks in
     place. The network is frozen (``freeze_base``), trains along, or trains along after
     the first ``freeze_base_steps`` steps, in which only the codes train; with
-    ``distill_weight`` the loss adds the KL from the base to the codebook model. ``control`` also trains a copy of the base for the same steps without
-    codebooks, so that the codebook model is compared with a base of the same training
-    budget."""
+    ``distill_weight`` the loss adds the KL from the base to the codebook model.
+    ``control`` also trains a copy of the base for the same steps without codebooks, so
+    that the codebook model is compared with a base of the same training budget."""
 
     sites: list[str] = dataclasses.field(default_factory=lambda: ["attn_heads", "mlp"])
     layers: list[int] | None = None
