@@ -5,6 +5,7 @@ directory that is a file, and checkpoint files readable only by their owner."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from codebook_lens.cli.main import main
 from codebook_lens.core.errors import CodebookLensError
+from codebook_lens.training.checkpoint import run_record
 from codebook_lens.training.config import load_train_config
 from codebook_lens.training.loop import train
 
@@ -78,6 +80,25 @@ def test_resume_refuses_another_runs_checkpoints(tiny_dir, tmp_path):
     with pytest.raises(CodebookLensError, match="at step 4, past schedule.max_steps=3"):
         train(cfg(tiny_dir, out, "schedule.max_steps=3"), resume=True)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()} == before
+
+
+def test_resume_takes_checkpoints_written_before_an_option_existed(tiny_dir, tmp_path):
+    """A checkpoint whose recorded settings lack an option added since (here
+    optim.freeze_base_steps), which this run leaves at its default, is the same run;
+    one that differs in a recorded setting is still refused."""
+    out = tmp_path / "run"
+    train(cfg(tiny_dir, out), stop_at_step=2)
+    for path in (out / "checkpoints").iterdir():
+        meta_file = path / "checkpoint.json"
+        meta = json.loads(meta_file.read_text())
+        config = meta["run"]["config"]
+        del config["optim"]["freeze_base_steps"]
+        meta["run"] = run_record(config)
+        meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CodebookLensError, match=r"other settings \(optim.lr: 0.0001 -> 0.0003\)"):
+        train(cfg(tiny_dir, out, "optim.lr=3e-4"), resume=True)
+    train(cfg(tiny_dir, out), resume=True)
+    assert steps(out)[-1] == "step-0000004"  # it ran on to the end
 
 
 def test_resume_after_changing_num_codes_names_the_key(tiny_dir, tmp_path, capsys):

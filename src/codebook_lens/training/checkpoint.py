@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from codebook_lens.core.errors import CodebookLensError
 from codebook_lens.core.files import save_safetensors
+from codebook_lens.training.config import TrainConfig, to_dict
 
 PREFIX = "step-"
 # config keys a resumed run may change: where it lives, how long it runs, how often it
@@ -233,14 +234,28 @@ def read_checkpoint(
     return tensors[0], tensors[1], tensors[2], meta
 
 
+def with_defaults(config: Any, defaults: Any) -> Any:
+    """``config`` with the keys it lacks taken from ``defaults`` (nested mappings)."""
+    if not isinstance(config, dict) or not isinstance(defaults, dict):
+        return config
+    filled = {key: with_defaults(value, defaults.get(key)) for key, value in config.items()}
+    for key, value in defaults.items():
+        filled.setdefault(key, copy.deepcopy(value))
+    return filled
+
+
 def check_run(path: Path, run: dict) -> None:
     """Raise an OtherRunError naming the settings that differ when the checkpoint in
     ``path`` was written by a run other than ``run`` (see :func:`run_record`).
-    Checkpoints written before runs were recorded pass."""
+    Checkpoints written before runs were recorded pass, and so do those written before
+    an option existed that this run leaves at its default."""
     theirs = _meta(path).get("run")
     if not isinstance(theirs, dict) or theirs.get("fingerprint") == run["fingerprint"]:
         return
-    changed = differences(theirs.get("config"), run["config"])
+    then = with_defaults(theirs.get("config"), to_dict(TrainConfig()))
+    if run_record(then)["fingerprint"] == run["fingerprint"]:
+        return
+    changed = differences(run_record(then)["config"], run["config"])
     raise OtherRunError(
         f"{path} was written by a run with other settings ({'; '.join(changed[:5]) or 'unknown'}); "
         "resume with the settings it was written with, or train into another output_dir"
