@@ -168,8 +168,7 @@ def write_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    fingerprint = (run or {}).get("fingerprint")
-    own = [p for p in list_checkpoints(root) if _fingerprint(p) == fingerprint]
+    own = [p for p in list_checkpoints(root) if _written_by(p, run)]
     for old in own[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -186,12 +185,16 @@ def _meta(path: Path) -> dict:
     return meta
 
 
-def _fingerprint(path: Path) -> str | None:
+def _written_by(path: Path, run: dict | None) -> bool:
+    """Whether the checkpoint in ``path`` was written by ``run`` (see :func:`same_run`);
+    a damaged one was not."""
     try:
-        run = _meta(path).get("run")
+        theirs = _meta(path).get("run")
     except CheckpointError:
-        return None
-    return run.get("fingerprint") if isinstance(run, dict) else None
+        return False
+    if not isinstance(theirs, dict) or not isinstance(run, dict):
+        return (theirs or {}).get("fingerprint") == (run or {}).get("fingerprint")
+    return same_run(theirs, run)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -244,18 +247,29 @@ def with_defaults(config: Any, defaults: Any) -> Any:
     return filled
 
 
+def recorded_as_today(recorded: dict) -> dict:
+    """A run record (see :func:`run_record`) with the options added to the training
+    config since it was written taking their defaults."""
+    return run_record(with_defaults(recorded.get("config"), to_dict(TrainConfig())))
+
+
+def same_run(theirs: dict, run: dict) -> bool:
+    """Whether two run records are the same run: the same fingerprint, or the same once
+    the older record's missing options take their defaults."""
+    if theirs.get("fingerprint") == run["fingerprint"]:
+        return True
+    return recorded_as_today(theirs)["fingerprint"] == run["fingerprint"]
+
+
 def check_run(path: Path, run: dict) -> None:
     """Raise an OtherRunError naming the settings that differ when the checkpoint in
-    ``path`` was written by a run other than ``run`` (see :func:`run_record`).
+    ``path`` was written by a run other than ``run`` (see :func:`same_run`).
     Checkpoints written before runs were recorded pass, and so do those written before
     an option existed that this run leaves at its default."""
     theirs = _meta(path).get("run")
-    if not isinstance(theirs, dict) or theirs.get("fingerprint") == run["fingerprint"]:
+    if not isinstance(theirs, dict) or same_run(theirs, run):
         return
-    then = with_defaults(theirs.get("config"), to_dict(TrainConfig()))
-    if run_record(then)["fingerprint"] == run["fingerprint"]:
-        return
-    changed = differences(run_record(then)["config"], run["config"])
+    changed = differences(recorded_as_today(theirs)["config"], run["config"])
     raise OtherRunError(
         f"{path} was written by a run with other settings ({'; '.join(changed[:5]) or 'unknown'}); "
         "resume with the settings it was written with, or train into another output_dir"
