@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from codebook_lens.cli.main import main as cli_main
 from codebook_lens.training.config import load_train_config
-from codebook_lens.training.loop import TrainError, distill_loss, lr_lambda, train
+from codebook_lens.training.loop import TrainError, distill_loss, train
+from codebook_lens.training.optim import lr_lambda
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 
     codebook train CONFIG.yaml [key=value ...] [--resume]
 
-Loss = LM cross-entropy + the codebooks' reconstruction loss (+ optionally, with the
-base frozen, the KL divergence from the base model's next-token distribution). Runs under
+Loss = LM cross-entropy + the codebooks' reconstruction loss (+ optionally the KL
+divergence from the base model's next-token distribution). The optimiser, its schedule
+and which parameters train when are in :mod:`codebook_lens.training.optim`. Runs under
 ``accelerate launch`` / ``torchrun`` as well as alone: usage statistics are
 all-reduced and revived codes broadcast from rank 0, so every rank holds identical
 codebooks. Metrics go to ``OUTPUT/metrics.jsonl`` (and W&B / TensorBoard when
@@ -16,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from codebook_lens.data.documents import Blocks, DataError, iter_documents, toke
 from codebook_lens.training import checkpoint as ckpt
 from codebook_lens.training.config import TrainConfig, to_dict
 from codebook_lens.training.metrics import MetricsLog, Window, codebook_metrics, evaluate
+from codebook_lens.training.optim import lr_lambdas, make_optimizer, set_network_trainable
 
 
 class TrainError(CodebookLensError):
@@ -79,78 +80,6 @@ def build_model(cfg: TrainConfig, base) -> CodebookModel:
     """The codebook model of ``cfg.codebooks.sites`` (checked when the config was built)
     around ``base``."""
     return CodebookModel(base, CodebookModelConfig(list(cfg.codebooks.sites)))
-
-
-def lr_lambda(cfg: TrainConfig, delay: int = 0):
-    """The learning-rate factor of a step: linear warmup, then the configured decay to the
-    last step. With a ``delay`` the factor is 0 for the first ``delay`` steps and the
-    schedule runs over the steps after them."""
-    warm, kind = cfg.schedule.warmup_steps, cfg.schedule.scheduler
-    total = cfg.schedule.max_steps - delay
-
-    def factor(step: int) -> float:
-        step -= delay
-        if step < 0:
-            return 0.0
-        if step < warm:
-            return (step + 1) / warm
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
-
-    return factor
-
-
-def lr_lambdas(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> list:
-    """One factor per parameter group of :func:`make_optimizer`: the network's (``lr``)
-    starts after ``optim.freeze_base_steps``."""
-    delay = cfg.optim.freeze_base_steps
-    return [lr_lambda(cfg, delay if g["name"] == "lr" else 0) for g in optimizer.param_groups]
-
-
-def network_params(model: CodebookModel) -> list[torch.nn.Parameter]:
-    """The parameters of the network under the codebooks."""
-    code_ids = {id(p) for p in model.codebooks.parameters()}
-    return [p for p in model.parameters() if id(p) not in code_ids]
-
-
-def set_network_trainable(model: CodebookModel, cfg: TrainConfig, step: int) -> None:
-    """Freeze the network before ``optim.freeze_base_steps`` (or for good with
-    ``optim.freeze_base``), train it after: frozen weights get no gradient, so the
-    optimiser leaves them and their moments alone."""
-    trainable = not cfg.optim.freeze_base and step >= cfg.optim.freeze_base_steps
-    for p in network_params(model):
-        p.requires_grad_(trainable)
-
-
-def make_optimizer(cfg: TrainConfig, model: CodebookModel) -> torch.optim.Optimizer:
-    code_params = list(model.codebooks.parameters())
-    base_params = network_params(model)
-    if cfg.optim.freeze_base or cfg.optim.freeze_base_steps:
-        set_network_trainable(model, cfg, 0)
-    groups = []
-    if code_params:
-        groups.append(
-            {
-                "params": code_params,
-                "lr": cfg.optim.codebook_lr,
-                "weight_decay": 0.0,
-                "name": "codebook_lr",
-            }
-        )
-    if not cfg.optim.freeze_base:
-        groups.append(
-            {
-                "params": base_params,
-                "lr": cfg.optim.lr,
-                "weight_decay": cfg.optim.weight_decay,
-                "name": "lr",
-            }
-        )
-    if not groups:
-        raise TrainError("nothing to train: no codebook sites and optim.freeze_base is true")
-    return torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas))
 
 
 @torch.no_grad()
@@ -368,6 +297,8 @@ def train(
             cfg.schedule.seed,
         )
     model.track_usage(True)
+    if not model.codebooks and cfg.optim.freeze_base:
+        raise TrainError("nothing to train: no codebook sites and optim.freeze_base is true")
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(cfg, optimizer))
     if resume and existing:

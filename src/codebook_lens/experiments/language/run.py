@@ -69,10 +69,11 @@ Log = Callable[[str], None]
 
 
 def _stamped(directory: Path, settings: dict, log: Log, what: str) -> bool:
-    """Whether ``directory`` holds a finished stage of these ``settings``; a stage of
-    other settings is removed (and a fresh one is started)."""
+    """Whether ``directory`` holds a finished stage of these ``settings`` (as
+    :func:`_fingerprint` writes them); a stage of other settings is removed (and a fresh
+    one is started)."""
     stamp = directory / "stage.json"
-    if stamp.exists() and _canonical(json.loads(stamp.read_text())) != _canonical(settings):
+    if stamp.exists() and _canonical(json.loads(stamp.read_text())) != settings:
         log(f"{what}: settings changed since the last run in {directory}; starting afresh")
         shutil.rmtree(directory)
     return (directory / "done.json").exists()
