@@ -148,6 +148,9 @@ def test_demo_preset_is_the_cpu_experiment_cut_down():
     # and measurements, no stage longer, no control, a smaller cache
     cpu, demo = load_lm_config("cpu"), load_lm_config("demo")
     assert demo.net == cpu.net and demo.tokenizer == cpu.tokenizer
+    # the paper's steering model: codebooks on the attention heads of every layer
+    assert demo.codebook.sites == cpu.codebook.sites == ["attn_heads"]
+    assert demo.codebook.layers is None and cpu.codebook.layers is None
     for stage in ("base", "codebook"):
         a, b = getattr(cpu, stage), getattr(demo, stage)
         assert b.steps * b.batch_size <= a.steps * a.batch_size
