@@ -171,6 +171,18 @@ def test_topic_share_counts_whole_words_ignoring_case():
         M.topic_share([], ["ship"])
 
 
+def test_needed_topic_rate_by_hand():
+    # one token: the rate is the share itself; two tokens at r = 1 - sqrt(0.4) mention the
+    # topic with probability 1 - (1 - r)^2 = 0.6
+    assert M.needed_topic_rate(1) == pytest.approx(0.6)
+    assert M.needed_topic_rate(2) == pytest.approx(1 - math.sqrt(0.4))
+    assert M.needed_topic_rate(32, share=0.5) == pytest.approx(1 - 0.5 ** (1 / 32))
+    assert 1 - (1 - M.needed_topic_rate(32)) ** 32 == pytest.approx(0.6)
+    for bad in ((0, 0.6), (32, 1.0), (32, -0.1)):
+        with pytest.raises(CodebookLensError):
+            M.needed_topic_rate(*bad)
+
+
 def test_continuation_nll_and_fluency_cost_by_hand():
     # a bigram model over 3 tokens
     probs = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])

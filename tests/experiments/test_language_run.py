@@ -11,13 +11,16 @@ import torch
 from helpers import corpus_text, save_tiny_lm
 from transformers import AutoModelForCausalLM
 
+from codebook_lens.analysis.topics import topic_token_ids
 from codebook_lens.cli.main import main
 from codebook_lens.core.loading import load_codebook_model
+from codebook_lens.core.refs import CodeRef
 from codebook_lens.experiments.language.config import ConfigError, load_lm_config, stage_config
 from codebook_lens.experiments.language.files import load_topics
 from codebook_lens.experiments.language.measures import topic_share
 from codebook_lens.experiments.language.metrics import METRIC_KEYS
 from codebook_lens.experiments.language.run import _fingerprint, _stamped, run
+from codebook_lens.steering.intervene import Intervention, apply_intervention
 from codebook_lens.steering.sampling import generate
 
 TOPICS = """
@@ -96,6 +99,30 @@ def test_tiny_preset_end_to_end_and_rerun(files, capsys):
     expected = topic_share([t for row in texts for t in row], ["boat", "boats"])
     assert boats["primed_share"] == pytest.approx(expected)
     assert metrics["steer.boats.primed_share"] == pytest.approx(expected)
+    # the topic rates: the probability that the next token starts a topic word, summed
+    # from the softmax at every position of the unsteered samples (prompt and sample, EOS
+    # between samples, cut into blocks), as the model is and with the codes forced
+    unsteered = [row["baseline"] for row in boats["samples"]]
+    stream = []
+    for prompt, row in zip(prompts, unsteered, strict=True):
+        for text in row:
+            stream += loaded.codec.encode(prompt + text)[0] + [loaded.codec.eos_id]
+    seq_len = cfg.data.seq_len
+    blocks = torch.tensor(stream[: len(stream) // seq_len * seq_len]).view(-1, seq_len)
+    ids = topic_token_ids(loaded.codec, ["boat", "boats"])
+
+    def rate(forced):
+        with torch.no_grad(), apply_intervention(loaded.model, Intervention(forced, mode=s.mode)):
+            probs = loaded.model(blocks).logits.softmax(-1)
+        return float(probs[..., ids].sum(-1).mean())
+
+    codes = [CodeRef.parse(c) for c in boats["codes"]]
+    assert boats["topic_rate"] == pytest.approx(rate([]), rel=1e-4)
+    assert boats["forced_topic_rate"] == pytest.approx(rate(codes), rel=1e-4)
+    assert metrics["steer.boats.forced_topic_rate"] == pytest.approx(boats["forced_topic_rate"])
+    # without codes forcing changes nothing
+    assert zebras["forced_topic_rate"] == zebras["topic_rate"]
+    assert "topic rate per token" in (out / "report.html").read_text()
     # a pattern that matches nothing has no code and counts as a loss
     none = next(r for r in details["regexes"] if r["name"] == "none")
     assert none["code"] is None and none["matching_tokens"] == 0

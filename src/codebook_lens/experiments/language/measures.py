@@ -280,6 +280,16 @@ def topic_share(texts: Sequence[str], words: Sequence[str]) -> float:
     return sum(mentions_topic(t, pattern) for t in texts) / len(texts)
 
 
+def needed_topic_rate(tokens: int, share: float = 0.6) -> float:
+    """The probability per token of starting a topic word at which a sample of ``tokens``
+    tokens would mention the topic with probability ``share``, were its tokens drawn
+    independently: ``1 - (1 - share) ** (1 / tokens)``. A yardstick for a topic rate,
+    not a prediction (topic words cluster)."""
+    if tokens < 1 or not 0.0 <= share < 1.0:
+        raise CodebookLensError(f"need tokens >= 1 and share in [0, 1), got {tokens}, {share}")
+    return 1.0 - (1.0 - share) ** (1.0 / tokens)
+
+
 @torch.no_grad()
 def continuation_nll(
     logits_of: Logits, prompt: Sequence[int], continuations: Sequence[Sequence[int]]

@@ -6,6 +6,7 @@ import html
 import json
 from pathlib import Path
 
+from codebook_lens.experiments.language.measures import needed_topic_rate
 from codebook_lens.experiments.language.metrics import METRIC_KEYS
 from codebook_lens.plots import (
     REPORT_STYLE,
@@ -43,6 +44,10 @@ def regex_scatter(rows: list[dict]) -> str:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+def _rate(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2f}%"
 
 
 def _quality_table(m: dict) -> str:
@@ -200,6 +205,8 @@ def lm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
                     r["baseline_loss"],
                     r["steered_loss"],
                     r["fluency_cost"],
+                    _rate(r.get("topic_rate")),
+                    _rate(r.get("forced_topic_rate")),
                 ]
                 for r in steering
             ],
@@ -212,8 +219,18 @@ def lm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
                 "loss of unsteered samples",
                 "loss of steered samples",
                 "fluency cost",
+                "topic rate per token, unsteered",
+                "topic rate per token, codes forced",
             ],
         )
+    )
+    needed = needed_topic_rate(cfg.steer.max_new_tokens)
+    parts.append(
+        "<p>Topic rate: the mean probability that the next token starts a topic word, at "
+        "every position of the unsteered samples, as the model is and with the topic's codes "
+        f"forced (the first step of steering). For 60% of {cfg.steer.max_new_tokens}-token "
+        f"samples to mention the topic, tokens drawn independently would need {_rate(needed)} "
+        "per token.</p>"
     )
     names = [r["name"] for r in steering]
     parts.append(

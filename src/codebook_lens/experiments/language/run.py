@@ -341,6 +341,9 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
         metrics[f"steer.{r.name}.fluency_cost"] = r.fluency_cost
         if r.primed_share is not None:
             metrics[f"steer.{r.name}.primed_share"] = r.primed_share
+        if r.topic_rate is not None:
+            metrics[f"steer.{r.name}.topic_rate"] = r.topic_rate
+            metrics[f"steer.{r.name}.forced_topic_rate"] = r.forced_topic_rate
     for key, value in steering_summary(results).items():
         metrics[f"steer.{key}"] = value
     seconds["steer"] = time.perf_counter() - t0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from codebook_lens.analysis.search import SearchError, topic_codes
-from codebook_lens.analysis.topics import effect_topic_codes, word_topic_codes
+from codebook_lens.analysis.topics import effect_topic_codes, topic_token_ids, word_topic_codes
 from codebook_lens.cache.store import CodeCache
 from codebook_lens.core.loading import TextCodec
 from codebook_lens.core.model import CodebookModel
@@ -33,7 +33,7 @@ from codebook_lens.experiments.language.measures import (
 )
 from codebook_lens.steering.intervene import Intervention
 from codebook_lens.steering.sampling import generate
-from codebook_lens.steering.topic_codes import measured_topic_codes
+from codebook_lens.steering.topic_codes import forced_log_probs, forcing_of, measured_topic_codes
 
 
 def per_group(refs: Sequence[CodeRef], n: int) -> list[CodeRef]:
@@ -157,6 +157,12 @@ class TopicResult:
     # unsteered share on topic when the topic's passage precedes every prompt (None: no
     # passage): how far the model itself carries a topic forward from its context
     primed_share: float | None = None
+    # the mean probability that the next token starts a topic word, at every position of
+    # the unsteered samples, as the model is and with the topic's codes forced (None when
+    # no topic word starts with a token of its own, or the samples fill no block): what
+    # forcing does at the first step, before the steered text departs from the unsteered
+    topic_rate: float | None = None
+    forced_topic_rate: float | None = None
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -172,6 +178,33 @@ def _nll(model: CodebookModel, codec: TextCodec, prompts, texts) -> tuple[float,
         nll, n = continuation_nll(run, ids, [codec.encode(t)[0] for t in row])
         total, count = total + nll, count + n
     return total, count
+
+
+def topic_rates(
+    model: CodebookModel,
+    codec: TextCodec,
+    blocks: torch.Tensor | None,
+    words: Sequence[str],
+    codes: Sequence[CodeRef],
+    cfg: SteerSection,
+) -> tuple[float | None, float | None]:
+    """The mean probability that the next token starts a topic word (one of
+    :func:`~codebook_lens.analysis.topics.topic_token_ids`) over every position of
+    ``blocks``, without and with ``codes`` forced as ``cfg`` forces them; ``(None,
+    None)`` without blocks or without a topic word that starts with a token of its own."""
+    if blocks is None:
+        return None, None
+    try:
+        ids = topic_token_ids(codec, words)
+    except SearchError:
+        return None, None
+    blocks = blocks.to(next(model.parameters()).device)
+    plain = forced_log_probs(model, blocks, [], cfg.mode, cfg.strength)
+    before = forcing_of(plain, plain, ids).topic_rate
+    if not codes:
+        return before, before
+    forced = forced_log_probs(model, blocks, codes, cfg.mode, cfg.strength)
+    return before, forcing_of(forced, plain, ids).topic_rate
 
 
 @dataclass
@@ -237,11 +270,11 @@ def steer_topic(
     which no code qualifies keeps its unsteered samples."""
     if unsteered is None:
         unsteered = sample_unsteered(model, codec, prompts, cfg)
-    contexts = None  # only the measured selection on the model's own samples reads them
-    if cfg.select == "measured" and cfg.measure_on == "samples":
-        seq_len = int(cache.manifest["seq_len"])
-        contexts = sample_blocks(codec, prompts, unsteered.texts, seq_len)
+    blocks = sample_blocks(codec, prompts, unsteered.texts, int(cache.manifest["seq_len"]))
+    # the measured selection reads the model's own samples, or else the cache's text
+    contexts = blocks if cfg.select == "measured" and cfg.measure_on == "samples" else None
     codes = select_codes(cache, topic, cfg, contexts)
+    rate, forced_rate = topic_rates(model, codec, blocks, topic.words, codes, cfg)
     steered_texts, steered = unsteered.texts, unsteered.nll
     if codes:
         steered_texts = generate(
@@ -270,6 +303,8 @@ def steer_topic(
             for p, b, s in zip(prompts, unsteered.texts, steered_texts, strict=True)
         ],
         primed_share=primed_share(model, codec, prompts, topic, cfg),
+        topic_rate=rate,
+        forced_topic_rate=forced_rate,
     )
 
 
