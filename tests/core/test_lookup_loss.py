@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from codebook_lens.core import _native
-from codebook_lens.core.codebook import EMPTY_SLOT, CodebookLookup, LookupLoss
+from codebook_lens.core.lookup import EMPTY_SLOT, CodebookLookup, LookupLoss
 from codebook_lens.core.topk import topk_codes
 
 
