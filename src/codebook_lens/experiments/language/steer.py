@@ -7,7 +7,9 @@ sampled with and without them from the same seeds, as
 :func:`codebook_lens.steering.sampling.steering_eval` does (the unsteered samples are
 drawn once and shared by every topic). Reported per topic: the share of
 samples on topic, steered and unsteered, and the fluency cost (the unsteered model's
-mean loss per token on the steered samples minus that on the unsteered ones).
+mean loss per token on the steered samples minus that on the unsteered ones); the
+primed share (:func:`primed_share`); and the topic rate per token on the unsteered
+samples without and with the codes forced (:func:`topic_rates`).
 """
 
 from __future__ import annotations
