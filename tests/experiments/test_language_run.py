@@ -185,6 +185,7 @@ def test_demo_preset_is_the_cpu_experiment_cut_down():
     assert demo.measure.cache_tokens < cpu.measure.cache_tokens
     assert demo.steer.select == cpu.steer.select == "measured"
     assert (demo.steer.target_rate, demo.steer.max_cost) == (cpu.steer.target_rate, 0.9)
+    assert demo.steer.mode == cpu.steer.mode == "append"
     assert demo.steer.strength == cpu.steer.strength == 1.0
 
 

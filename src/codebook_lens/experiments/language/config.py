@@ -337,8 +337,10 @@ PRESETS: dict[str, dict] = {
         },
         # the measured selection may spend most of the target's fluency budget (1 nat):
         # on the cpu preset's model it raised the steered shares from 6-18% (target_rate
-        # 0.03, max_cost 0.5) to 9-44% at costs of 0.41-0.88 nats
-        "steer": {"select": "measured", "target_rate": 0.1, "max_cost": 0.9},
+        # 0.03, max_cost 0.5) to 9-44% at costs of 0.41-0.88 nats; the forced codes are
+        # added to the k the search chose (append) rather than put in place of the last
+        # ones: 4-63% at 0.54-0.83 nats
+        "steer": {"select": "measured", "target_rate": 0.1, "max_cost": 0.9, "mode": "append"},
     },
     # the same experiment on a shorter budget (at most 15 minutes here): half-size
     # batches, shorter stages, no control, fewer measuring batches and a smaller cache
@@ -366,6 +368,7 @@ PRESETS: dict[str, dict] = {
             "candidates_per_group": 4,
             "target_rate": 0.1,
             "max_cost": 0.9,
+            "mode": "append",
         },
     },
     # SmolLM2-135M (the offline asset) as it is, with codebooks on the attention heads of
