@@ -405,8 +405,8 @@ def _loop(
     )
     for step in bar:
         t0 = time.perf_counter()
-        if cfg.optim.freeze_base_steps:
-            set_network_trainable(raw, cfg, step)
+        if cfg.optim.freeze_base_steps and step in (start_step, cfg.optim.freeze_base_steps):
+            set_network_trainable(raw, cfg, step)  # where a run (or its resume) starts or thaws
         for micro in range(accum):
             index = (step * accum + micro) * world + rank
             batch, labels = _inputs_and_labels(
