@@ -12,6 +12,7 @@ from helpers import corpus_text, save_tiny_lm
 from transformers import AutoModelForCausalLM
 
 from codebook_lens.analysis.topics import topic_token_ids
+from codebook_lens.cache.store import CodeCache
 from codebook_lens.cli.main import main
 from codebook_lens.core.loading import load_codebook_model
 from codebook_lens.core.refs import CodeRef
@@ -20,8 +21,15 @@ from codebook_lens.experiments.language.files import load_topics
 from codebook_lens.experiments.language.measures import topic_share
 from codebook_lens.experiments.language.metrics import METRIC_KEYS
 from codebook_lens.experiments.language.run import _fingerprint, _stamped, run
+from codebook_lens.experiments.language.steer import (
+    calibrated_codes,
+    path_points,
+    sample_blocks,
+    sample_unsteered,
+)
 from codebook_lens.steering.intervene import Intervention, apply_intervention
 from codebook_lens.steering.sampling import generate
+from codebook_lens.steering.topic_codes import measured_topic_codes
 
 TOPICS = """
 prompts: ["The", "In May"]
@@ -123,6 +131,12 @@ def test_tiny_preset_end_to_end_and_rerun(files, capsys):
     # without codes forcing changes nothing
     assert zebras["forced_topic_rate"] == zebras["topic_rate"]
     assert "topic rate per token" in (out / "report.html").read_text()
+    # the tiny preset chooses its codes by calibration: its points are in the details,
+    # the chosen one's held-out share in the metrics
+    assert boats["calibration"] and metrics["steer.boats.calibration_points"] >= 1
+    chosen = next(p for p in boats["calibration"] if p["codes"] == len(boats["codes"]))
+    assert metrics["steer.boats.calibration_share"] == chosen["share"]
+    assert "held-out seeds" in (out / "report.html").read_text()
     # a pattern that matches nothing has no code and counts as a loss
     none = next(r for r in details["regexes"] if r["name"] == "none")
     assert none["code"] is None and none["matching_tokens"] == 0
@@ -138,6 +152,103 @@ def test_tiny_preset_end_to_end_and_rerun(files, capsys):
     assert sum("loading the trained model" in line for line in logged) == 3
     for key in ("base.loss", "codebook.loss", "control.loss", "gap_recovered"):
         assert again[key] == pytest.approx(metrics[key], rel=1e-6)
+
+
+def test_calibrated_selection_keeps_the_best_prefix_within_budget(files):
+    root, overrides = files
+    out = root / "run"
+    cfg = load_lm_config("tiny", overrides)
+    if not (out / "cache" / "manifest.json").exists():
+        run(cfg, out, log=lambda line: None)
+    more = [
+        "steer.select=calibrated",
+        "steer.calibration_points=3",
+        "steer.calibration_samples=3",
+        "steer.explore_cost=5",
+        "steer.target_rate=0.9",
+    ]
+    cfg = load_lm_config("tiny", [*overrides, *more])
+    s = cfg.steer
+    loaded = load_codebook_model(out / "codebook" / "model")
+    model, codec = loaded.model, loaded.codec
+    cache = CodeCache.open(out / "cache")
+    prompts, topics = load_topics(root / "topics.yaml")
+    boats = next(t for t in topics if t.name == "boats")
+    held_out = sample_unsteered(model, codec, prompts, s, held_out=True)
+    # the held-out samples: the calibration's seeds and count, not the measurement's
+    again = generate(
+        model, prompts, codec, samples=3, max_new_tokens=s.max_new_tokens, seed=s.seed + 1000
+    )
+    assert held_out.texts == again
+    codes, tried = calibrated_codes(model, codec, cache, prompts, boats, s, held_out)
+    # the path the prefixes come from: the measured selection on the held-out samples
+    blocks = sample_blocks(codec, prompts, held_out.texts, cfg.data.seq_len)
+    path = measured_topic_codes(
+        cache,
+        boats.words,
+        contexts=blocks,
+        candidates_per_group=s.candidates_per_group,
+        target_rate=s.target_rate,
+        max_cost=s.explore_cost,
+        min_count=s.min_count,
+        max_frequency=s.max_frequency,
+        mode=s.mode,
+    )
+    lengths = [p.codes for p in tried]
+    assert tried and lengths == sorted(set(lengths)) and len(tried) <= 3
+    assert lengths == [i + 1 for i in path_points([f.cost for f in path.path], 3, 5.0)]
+    # each point sampled from the held-out seeds with its prefix forced, scored by hand
+    baseline = mean_loss(model, codec, prompts, held_out.texts)
+    for point in tried:
+        texts = generate(
+            model,
+            prompts,
+            codec,
+            samples=3,
+            max_new_tokens=s.max_new_tokens,
+            seed=s.seed + 1000,
+            intervention=Intervention(path.codes[: point.codes], mode=s.mode),
+        )
+        assert point.share == pytest.approx(topic_share([t for r in texts for t in r], boats.words))
+        steered = mean_loss(model, codec, prompts, texts)
+        assert point.cost == pytest.approx(steered - baseline, abs=1e-5)
+        assert point.predicted_cost == pytest.approx(path.path[point.codes - 1].cost)
+    # the kept prefix: the largest share among points within max_cost, cheaper on a tie
+    within = [p for p in tried if p.cost <= s.max_cost]
+    best = max(within, key=lambda p: (p.share, -p.cost))
+    assert codes == path.codes[: best.codes]
+    # no point within budget: nothing is forced
+    strict = load_lm_config("tiny", [*overrides, *more, "steer.max_cost=1e-12"])
+    if all(p.cost > 1e-12 for p in tried):
+        none, _ = calibrated_codes(model, codec, cache, prompts, boats, strict.steer, held_out)
+        assert none == []
+
+
+def mean_loss(model, codec, prompts, texts) -> float:
+    """The unsteered model's mean loss per token of ``texts`` after their prompts,
+    computed sample by sample without the package's helpers."""
+    total, count = 0.0, 0
+    for prompt, row in zip(prompts, texts, strict=True):
+        head = codec.encode(prompt)[0]
+        for text in row:
+            tail = codec.encode(text)[0]
+            if not tail:
+                continue
+            ids = torch.tensor([head + tail])
+            with torch.no_grad():
+                logp = model(ids).logits.float().log_softmax(-1)[0]
+            for j, token in enumerate(tail):
+                total -= float(logp[len(head) + j - 1, token])
+                count += 1
+    return total / max(count, 1)
+
+
+def test_path_points_by_hand():
+    costs = [0.1, 0.3, 0.5, 0.45, 0.9, 1.7]
+    # budgets 0.4, 0.8, 1.2, 1.6: the longest prefix whose costs all stay within each
+    assert path_points(costs, 4, 1.6) == [1, 3, 4]
+    assert path_points(costs, 1, 2.0) == [5]
+    assert path_points([0.5], 2, 0.4) == []
 
 
 def test_config_is_checked_before_any_work(tmp_path):
@@ -181,10 +292,15 @@ def test_demo_preset_is_the_cpu_experiment_cut_down():
     for stage in ("base", "codebook"):
         a, b = getattr(cpu, stage), getattr(demo, stage)
         assert b.steps * b.batch_size <= a.steps * a.batch_size
-    assert cpu.codebook.control and not demo.codebook.control
+    assert not cpu.codebook.control and not demo.codebook.control
     assert demo.measure.cache_tokens < cpu.measure.cache_tokens
-    assert demo.steer.select == cpu.steer.select == "measured"
-    assert (demo.steer.target_rate, demo.steer.max_cost) == (cpu.steer.target_rate, 0.9)
+    # each fits its budget on the machine it runs on (training scaled down when needed)
+    assert (cpu.budget_minutes, demo.budget_minutes) == (55, 14)
+    # codes chosen by sampling prefixes of the measured path from held-out seeds, within
+    # 0.8 nats of measured fluency cost (the target allows 1)
+    assert demo.steer.select == cpu.steer.select == "calibrated"
+    assert demo.steer.max_cost == cpu.steer.max_cost == 0.8
+    assert demo.steer.calibration_points <= cpu.steer.calibration_points
     assert demo.steer.mode == cpu.steer.mode == "append"
     assert demo.steer.strength == cpu.steer.strength == 1.0
 

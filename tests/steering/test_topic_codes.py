@@ -76,6 +76,18 @@ def test_measured_topic_codes_keep_their_promises(cache):
     assert again.cost == pytest.approx(found.after.cost, rel=1e-4, abs=1e-6)
     assert found.after.topic_log_prob > found.before.topic_log_prob
     assert found.after.cost <= 0.5 + 1e-9
+    # the path holds the set after every addition: each prefix measured again, each
+    # raising the mean log topic probability over the one before, the last the chosen set
+    assert len(found.path) == len(found.codes) and found.path[-1] == found.after
+    plain = forced_log_probs(model, held, [])
+    previous = found.before.topic_log_prob
+    for i, step in enumerate(found.path):
+        prefix = forcing_of(forced_log_probs(model, held, found.codes[: i + 1]), plain, ids)
+        assert prefix.topic_log_prob == pytest.approx(step.topic_log_prob, rel=1e-5)
+        assert prefix.cost == pytest.approx(step.cost, rel=1e-4, abs=1e-6)
+        assert step.topic_log_prob > previous and step.cost <= 0.5 + 1e-9
+        previous = step.topic_log_prob
+    assert found.to_dict()["path"][-1] == found.after.__dict__
 
 
 def test_measured_topic_codes_stop_at_the_target(cache):

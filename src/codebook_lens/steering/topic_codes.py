@@ -18,7 +18,8 @@ does to the next-token distribution at every position:
 It forces each candidate alone, then adds candidates in order of gain (in the mean log
 topic probability) per fluency cost, measuring the set forced together after each
 addition, until the topic rate reaches ``target_rate`` or the cost would pass
-``max_cost``.
+``max_cost``. The set after each addition is kept (:attr:`TopicCodes.path`), so a caller
+can choose a shorter prefix of the path by what it measures otherwise (e.g. on samples).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class TopicCodes:
     before: Forcing  # the model as it is
     after: Forcing  # with the codes forced together
     candidates: list[dict] = field(default_factory=list)  # each candidate alone
+    # path[i]: the codes codes[: i + 1] forced together (the greedy path, in order)
+    path: list[Forcing] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -89,6 +92,7 @@ class TopicCodes:
             "before": self.before.__dict__,
             "after": self.after.__dict__,
             "candidates": self.candidates,
+            "path": [f.__dict__ for f in self.path],
         }
 
 
@@ -165,6 +169,7 @@ def measured_topic_codes(
     scored.sort(key=lambda c: -c["gain"] / max(c["cost"], 1e-3))
 
     chosen: list[CodeRef] = []
+    path: list[Forcing] = []
     per_group: dict[tuple[str, int], int] = {}
     after = before
     for cand in scored:
@@ -179,6 +184,7 @@ def measured_topic_codes(
         if trial.cost > max_cost or trial.topic_log_prob <= after.topic_log_prob:
             continue
         chosen.append(ref)
+        path.append(trial)
         per_group[key] = per_group.get(key, 0) + 1
         after = trial
     return TopicCodes(
@@ -186,4 +192,5 @@ def measured_topic_codes(
         before,
         after,
         [{"code": str(c["code"]), "gain": c["gain"], "cost": c["cost"]} for c in scored],
+        path,
     )

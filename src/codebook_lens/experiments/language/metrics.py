@@ -52,6 +52,16 @@ METRIC_KEYS = {
     "steer.mean_baseline_share": "mean unsteered share over topics",
     "steer.mean_steered_share": "mean steered share over topics",
     "steer.mean_fluency_cost": "mean fluency cost over topics",
+    "steer.<topic>.calibration_points": "select: calibrated: prefixes of the measured path "
+    "sampled from the held-out seeds (absent for other selections)",
+    "steer.<topic>.calibration_share": "select: calibrated: the chosen prefix's share on "
+    "topic on the held-out samples (absent when no prefix was within steer.max_cost)",
+    "steer.<topic>.calibration_cost": "its fluency cost on the held-out samples (nats)",
+    "budget.scale": "the factor every training stage's steps were scaled by to fit "
+    "budget_minutes on this machine (1: full size; absent without a budget)",
+    "budget.step_seconds": "one base training step on this machine, as timed for the budget",
+    "budget.sample_seconds": "one prompt's steering samples on this machine, as timed",
+    "budget.predicted_minutes": "the run at full size, as the budget's cost model predicted",
     "seconds.<stage>": "wall-clock time of each stage (tokenizer, base, codebook, control, "
     "quality, cache, regex, steer)",
 }

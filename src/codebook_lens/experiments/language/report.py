@@ -42,6 +42,32 @@ def regex_scatter(rows: list[dict]) -> str:
     return svg(fig)
 
 
+def calibration_plot(steering: list[dict], max_cost: float) -> str:
+    """``select: calibrated``: per topic, the share on topic of the held-out steered
+    samples against their measured fluency cost, for each prefix of the measured path
+    that was sampled (larger marker: the prefix kept)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in steering:
+        points = r.get("calibration") or []
+        if not points:
+            continue
+        xs, ys = [p["cost"] for p in points], [p["share"] for p in points]
+        (line,) = ax.plot(xs, ys, marker="o", ms=3, lw=1, label=r["name"])
+        for p in points:
+            if p["codes"] == len(r["codes"]):
+                ax.plot([p["cost"]], [p["share"]], "o", ms=8, color=line.get_color())
+    ax.axvline(max_cost, color="#a33", lw=1, ls="--")
+    ax.axhline(0.6, color="#888", lw=1, ls=":")
+    ax.set_xlabel("fluency cost on the held-out samples (nats per token)")
+    ax.set_ylabel("held-out samples on topic")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("prefixes of each topic's measured path, sampled from held-out seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return svg(fig)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -123,6 +149,13 @@ def _samples(result: dict, count: int = 3) -> str:
     )
 
 
+def _sites(cfg) -> str:
+    names = {"attn_heads": "the attention heads", "mlp": "the MLPs", "attn": "the attention"}
+    sites = " and ".join(names.get(x, x) for x in cfg.codebook.sites)
+    layers = cfg.codebook.layers
+    return f"{sites} of " + ("every layer" if layers is None else f"layers {layers}")
+
+
 def lm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
     """Write ``run_dir/report.html`` for a language run."""
     m = metrics
@@ -131,8 +164,8 @@ def lm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
         f"run ({html.escape(cfg.preset)})</title><style>{REPORT_STYLE}</style></head><body>",
         f"<h1>Codebook features on natural language ({html.escape(cfg.preset)} preset)</h1>",
         "<p class='note'>A GPT-NeoX trained here on the offline corpus (the base), a codebook "
-        "model with codebooks on the attention heads and MLPs of every layer, and the "
-        "paper's natural-language measurements. Figures and their commands are in "
+        f"model with codebooks on {html.escape(_sites(cfg))}, and the paper's "
+        "natural-language measurements. Figures and their commands are in "
         "docs/results/language.md.</p>",
         "<h2>Language-model quality</h2>",
         _quality_table(m),
@@ -247,10 +280,28 @@ def lm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
         )
         + "</figure>"
     )
+    if any(r.get("calibration") for r in steering):
+        parts.append(
+            "<p>Codes chosen by calibration: each topic's measured path (codes added in "
+            "order of topic gain per predicted fluency cost, up to a predicted cost of "
+            f"{cfg.steer.explore_cost:g} nats) was sampled at up to "
+            f"{cfg.steer.calibration_points} of its prefixes, "
+            f"{cfg.steer.calibration_samples} samples per prompt from seeds the measurement "
+            "does not use; the prefix with the largest share on topic whose cost was at most "
+            f"{cfg.steer.max_cost:g} nats is forced above.</p>"
+        )
+        parts.append(f"<figure>{calibration_plot(steering, cfg.steer.max_cost)}</figure>")
     for r in steering:
         parts.append(f"<h3>{html.escape(r['name'])}</h3>" + _samples(r))
 
     parts.append("<h2>Timings</h2>")
+    if "budget.scale" in m:
+        parts.append(
+            f"<p>Budget: {cfg.budget_minutes:g} minutes. A base training step took "
+            f"{m['budget.step_seconds']:.2f} s on this machine; the run at full size was "
+            f"predicted to take {m['budget.predicted_minutes']:.0f} min, so every training "
+            f"stage ran {_pct(m['budget.scale'])} of its steps.</p>"
+        )
     parts.append(
         html_table(
             [[k.split(".", 1)[1], v / 60] for k, v in m.items() if k.startswith("seconds.")],

@@ -40,6 +40,7 @@ from codebook_lens.core.model import CodebookModel, CodebookModelConfig
 from codebook_lens.data.documents import Blocks, iter_documents, tokenize_documents
 from codebook_lens.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from codebook_lens.experiments.language import evaluate as E
+from codebook_lens.experiments.language.budget import fit_budget, time_base_step, time_sampling
 from codebook_lens.experiments.language.config import (
     REGEX_FILE,
     TOPIC_FILE,
@@ -254,6 +255,32 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
     data = token_data(cfg, tokenizer)
     seconds["tokenizer"] = time.perf_counter() - t0
 
+    def measure() -> tuple[float, float]:
+        log(f"budget: timing training and sampling to fit {cfg.budget_minutes:g} minutes")
+        net = build_base(cfg, tokenizer, cfg.base.seed)
+        step = time_base_step(net, len(tokenizer), cfg.base.batch_size, cfg.data.seq_len)
+        wrapped = CodebookModel(net, CodebookModelConfig([])).eval()
+        try:
+            s = cfg.steer
+            sample = time_sampling(
+                wrapped, tokenizer, prompts[0], s.samples_per_prompt, s.max_new_tokens
+            )
+        finally:
+            wrapped.remove_hooks()
+        return step, sample
+
+    requested = cfg
+    cfg, budget = fit_budget(
+        cfg, out, measure, len(prompts), len(topics), seconds["tokenizer"], log
+    )
+    if budget is not None:
+        (out / "config.json").write_text(
+            json.dumps(
+                {**to_dict(cfg), "requested": to_dict(requested), "budget": budget.to_dict()},
+                indent=2,
+            )
+        )
+
     base_cbm, seconds["base"] = train_stage(
         cfg, "base", out, build_base(cfg, tokenizer, cfg.base.seed), data, tokenizer, log
     )
@@ -326,15 +353,25 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
     log(f"steering {len(topics)} topics at strength {cfg.steer.strength:g}")
     results = []
     unsteered = sample_unsteered(model, loaded.codec, prompts, cfg.steer)
-    for topic in topics:
+    held_out = None
+    if cfg.steer.select == "calibrated":
+        held_out = sample_unsteered(model, loaded.codec, prompts, cfg.steer, held_out=True)
+    for topic in topics:  # a line per topic as it is done
         results.append(
-            steer_topic(model, loaded.codec, cache, prompts, topic, cfg.steer, unsteered)
+            steer_topic(model, loaded.codec, cache, prompts, topic, cfg.steer, unsteered, held_out)
         )
         r = results[-1]
+        tried = ""
+        if r.calibration:
+            tried = "; held out: " + ", ".join(
+                f"{p['codes']} codes {100 * p['share']:.0f}% at {p['cost']:+.2f}"
+                for p in r.calibration
+            )
         log(
             f"  {r.name}: {100 * r.baseline_share:.0f}% -> {100 * r.steered_share:.0f}% on "
             f"topic, fluency cost {r.fluency_cost:+.2f} nats ({len(r.codes)} codes)"
             + ("" if r.primed_share is None else f"; primed {100 * r.primed_share:.0f}%")
+            + tried
         )
         metrics[f"steer.{r.name}.baseline_share"] = r.baseline_share
         metrics[f"steer.{r.name}.steered_share"] = r.steered_share
@@ -344,8 +381,17 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
         if r.topic_rate is not None:
             metrics[f"steer.{r.name}.topic_rate"] = r.topic_rate
             metrics[f"steer.{r.name}.forced_topic_rate"] = r.forced_topic_rate
+        if cfg.steer.select == "calibrated":
+            metrics[f"steer.{r.name}.calibration_points"] = len(r.calibration)
+            chosen = [p for p in r.calibration if p["codes"] == len(r.codes)]
+            if r.codes and chosen:
+                metrics[f"steer.{r.name}.calibration_share"] = chosen[0]["share"]
+                metrics[f"steer.{r.name}.calibration_cost"] = chosen[0]["cost"]
     for key, value in steering_summary(results).items():
         metrics[f"steer.{key}"] = value
+    if budget is not None:
+        for key in ("scale", "step_seconds", "sample_seconds", "predicted_minutes"):
+            metrics[f"budget.{key}"] = getattr(budget, key)
     seconds["steer"] = time.perf_counter() - t0
     for name, value in seconds.items():
         metrics[f"seconds.{name}"] = value

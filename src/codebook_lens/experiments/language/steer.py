@@ -10,6 +10,12 @@ samples on topic, steered and unsteered, and the fluency cost (the unsteered mod
 mean loss per token on the steered samples minus that on the unsteered ones); the
 primed share (:func:`primed_share`); and the topic rate per token on the unsteered
 samples without and with the codes forced (:func:`topic_rates`).
+
+``select: calibrated`` (:func:`calibrated_codes`) closes the loop of the measured
+selection: the measured path predicts each prefix's effect on text the model wrote
+without it, but steered text departs from that text, so a few prefixes are sampled
+from held-out seeds (never those of the measurement) and the one with the largest
+share on topic within the fluency budget, as measured on those samples, is kept.
 """
 
 from __future__ import annotations
@@ -86,7 +92,10 @@ def _word_codes(cache: CodeCache, topic: Topic, cfg: SteerSection) -> list[CodeR
 
 def select_codes(cache: CodeCache, topic: Topic, cfg: SteerSection, contexts=None) -> list[CodeRef]:
     """The codes forced on for ``topic`` (see :class:`SteerSection`); none when no cached
-    token is followed by a topic word (``select: words``)."""
+    token is followed by a topic word (``select: words``). ``select: calibrated`` samples
+    the model, so it is :func:`calibrated_codes`, not this."""
+    if cfg.select == "calibrated":
+        raise SearchError("select: calibrated samples the model: use calibrated_codes")
     if cfg.select == "measured":
         try:
             found = measured_topic_codes(
@@ -145,6 +154,99 @@ def select_codes(cache: CodeCache, topic: Topic, cfg: SteerSection, contexts=Non
     return per_group(refs, cfg.codes_per_codebook)
 
 
+def path_points(costs: Sequence[float], points: int, limit: float) -> list[int]:
+    """Indices of up to ``points`` prefixes of a path whose predicted costs are
+    ``costs`` (prefix ``i`` ends at index ``i``): for each of ``points`` evenly spaced
+    budgets up to ``limit``, the longest prefix whose cost and whose predecessors' costs
+    are within it; ascending, without repeats, the whole path always included when it
+    fits ``limit``."""
+    chosen: list[int] = []
+    for j in range(1, points + 1):
+        budget = limit * j / points
+        last = -1
+        for i, cost in enumerate(costs):
+            if cost > budget:
+                break
+            last = i
+        if last >= 0 and last not in chosen:
+            chosen.append(last)
+    return chosen
+
+
+@dataclass
+class CalibrationPoint:
+    """One prefix of a topic's measured path, sampled from the held-out seeds."""
+
+    codes: int  # length of the prefix
+    predicted_cost: float  # the measured path's fluency cost per token (first order)
+    predicted_rate: float  # ... and topic rate, on the unsteered text
+    share: float  # share of the held-out steered samples on topic
+    cost: float  # their fluency cost against the held-out unsteered samples
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def calibrated_codes(
+    model: CodebookModel,
+    codec: TextCodec,
+    cache: CodeCache,
+    prompts: list[str],
+    topic: Topic,
+    cfg: SteerSection,
+    held_out: Unsteered,
+) -> tuple[list[CodeRef], list[CalibrationPoint]]:
+    """The codes forced for ``topic`` under ``select: calibrated``, and the prefixes
+    tried. The measured path (:func:`measured_topic_codes` up to a predicted cost of
+    ``cfg.explore_cost``, measured on the ``held_out`` samples) is sampled at up to
+    ``cfg.calibration_points`` prefixes (:func:`path_points`) from the held-out seeds;
+    the prefix with the largest share on topic among those whose measured fluency cost
+    is at most ``cfg.max_cost`` is kept (the cheaper one on a tie). None qualifies:
+    no codes."""
+    contexts = sample_blocks(codec, prompts, held_out.texts, int(cache.manifest["seq_len"]))
+    try:
+        found = measured_topic_codes(
+            cache,
+            topic.words,
+            contexts=contexts,
+            candidates_per_group=cfg.candidates_per_group,
+            target_rate=cfg.target_rate,
+            max_cost=cfg.explore_cost,
+            min_count=cfg.min_count,
+            max_frequency=cfg.max_frequency,
+            mode=cfg.mode,
+            strength=cfg.strength,
+        )
+    except SearchError:
+        return [], []
+    tried = []
+    for i in path_points([f.cost for f in found.path], cfg.calibration_points, cfg.explore_cost):
+        texts = generate(
+            model,
+            prompts,
+            codec,
+            samples=cfg.calibration_samples,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=cfg.seed + cfg.calibration_seed,
+            intervention=Intervention(found.codes[: i + 1], mode=cfg.mode, strength=cfg.strength),
+        )
+        tried.append(
+            CalibrationPoint(
+                codes=i + 1,
+                predicted_cost=found.path[i].cost,
+                predicted_rate=found.path[i].topic_rate,
+                share=topic_share([t for row in texts for t in row], topic.words),
+                cost=fluency_cost(_nll(model, codec, prompts, texts), held_out.nll),
+            )
+        )
+    within = [p for p in tried if p.cost <= cfg.max_cost]
+    if not within:
+        return [], tried
+    best = max(within, key=lambda p: (p.share, -p.cost))
+    return found.codes[: best.codes], tried
+
+
 @dataclass
 class TopicResult:
     name: str
@@ -165,6 +267,8 @@ class TopicResult:
     # forcing does at the first step, before the steered text departs from the unsteered
     topic_rate: float | None = None
     forced_topic_rate: float | None = None
+    # select: calibrated: the prefixes of the measured path sampled from held-out seeds
+    calibration: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -219,18 +323,23 @@ class Unsteered:
 
 
 def sample_unsteered(
-    model: CodebookModel, codec: TextCodec, prompts: list[str], cfg: SteerSection
+    model: CodebookModel,
+    codec: TextCodec,
+    prompts: list[str],
+    cfg: SteerSection,
+    held_out: bool = False,
 ) -> Unsteered:
     """Sample every prompt without intervention, as
-    :func:`codebook_lens.steering.sampling.steering_eval` does."""
+    :func:`codebook_lens.steering.sampling.steering_eval` does; ``held_out``: from the
+    calibration's seeds and counts instead of the measurement's."""
     texts = generate(
         model,
         prompts,
         codec,
-        samples=cfg.samples_per_prompt,
+        samples=cfg.calibration_samples if held_out else cfg.samples_per_prompt,
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
-        seed=cfg.seed,
+        seed=cfg.seed + cfg.calibration_seed if held_out else cfg.seed,
     )
     return Unsteered(texts, _nll(model, codec, prompts, texts))
 
@@ -266,16 +375,25 @@ def steer_topic(
     topic: Topic,
     cfg: SteerSection,
     unsteered: Unsteered | None = None,
+    held_out: Unsteered | None = None,
 ) -> TopicResult:
     """Steer one topic: select its codes, sample with them forced on from the seeds of
     the ``unsteered`` samples (drawn here when not given), measure both. A topic for
-    which no code qualifies keeps its unsteered samples."""
+    which no code qualifies keeps its unsteered samples. ``held_out``: the unsteered
+    samples of the calibration's seeds (``select: calibrated``; drawn here when not
+    given)."""
     if unsteered is None:
         unsteered = sample_unsteered(model, codec, prompts, cfg)
     blocks = sample_blocks(codec, prompts, unsteered.texts, int(cache.manifest["seq_len"]))
-    # the measured selection reads the model's own samples, or else the cache's text
-    contexts = blocks if cfg.select == "measured" and cfg.measure_on == "samples" else None
-    codes = select_codes(cache, topic, cfg, contexts)
+    calibration: list[CalibrationPoint] = []
+    if cfg.select == "calibrated":
+        if held_out is None:
+            held_out = sample_unsteered(model, codec, prompts, cfg, held_out=True)
+        codes, calibration = calibrated_codes(model, codec, cache, prompts, topic, cfg, held_out)
+    else:
+        # the measured selection reads the model's own samples, or else the cache's text
+        contexts = blocks if cfg.select == "measured" and cfg.measure_on == "samples" else None
+        codes = select_codes(cache, topic, cfg, contexts)
     rate, forced_rate = topic_rates(model, codec, blocks, topic.words, codes, cfg)
     steered_texts, steered = unsteered.texts, unsteered.nll
     if codes:
@@ -307,6 +425,7 @@ def steer_topic(
         primed_share=primed_share(model, codec, prompts, topic, cfg),
         topic_rate=rate,
         forced_topic_rate=forced_rate,
+        calibration=[p.to_dict() for p in calibration],
     )
 
 

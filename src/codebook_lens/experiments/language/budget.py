@@ -1,0 +1,203 @@
+"""Fitting the language experiment to a time budget on the machine it runs on.
+
+CPUs of one kind of machine differ by a factor of about three on this workload (a
+2-core AMD EPYC with AVX-512 trained the cpu preset's base at 9,300 tokens/s, one with
+AVX2 only at 3,400). A preset with ``budget_minutes`` set is sized for a fast machine;
+before training, :func:`fit_budget` times the base network's training step and the
+sampling of one prompt on this machine, predicts the whole run with the cost model
+below, and when the prediction passes the budget scales every training stage's steps
+(and their warm-up, freeze, eval and checkpoint cadences) by one factor. The
+measurements (held-out batches, cache, regexes, steering samples) are not scaled: they
+are the protocol.
+
+Cost model, in base training steps of the same batch (measured on the cpu preset's run
+alone on the AVX-512 machine, docs/results/language.md): a codebook-stage step costs
+:data:`CODEBOOK_STEP` base steps (the codebooks and the teacher's forward pass), a
+control step :data:`CONTROL_STEP`, the k-means initialisation and the measurements
+before steering :data:`FIXED_STEPS`, the choice of each topic's codes (forward passes
+over the candidates) :data:`TOPIC_STEPS`; steering's sampling costs
+:data:`SAMPLE_OVERHEAD` times its timed sampling (the samples are scored too).
+
+The factor is written to ``budget.json`` in the run directory and reused by a rerun
+with the same settings, so a rerun finds its trained stages whatever it times.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from codebook_lens.experiments.language.config import ConfigError, LMExperimentConfig
+from codebook_lens.steering.sampling import generate
+from codebook_lens.training.config import to_dict
+
+CODEBOOK_STEP = 1.8
+CONTROL_STEP = 1.0
+FIXED_STEPS = 300.0
+TOPIC_STEPS = 70.0
+SAMPLE_OVERHEAD = 1.3
+MIN_SCALE = 0.05  # below this share of its steps a stage trains too little to measure
+
+
+@dataclass
+class Budget:
+    """What :func:`fit_budget` measured and decided."""
+
+    minutes: float
+    step_seconds: float  # one base training step here
+    sample_seconds: float  # one prompt's samples (samples_per_prompt x max_new_tokens)
+    predicted_minutes: float  # the run at full size, predicted
+    scale: float  # the factor applied to every stage's steps (1: full size)
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def time_base_step(
+    net: torch.nn.Module, vocab: int, batch: int, seq_len: int, steps: int = 4, warmup: int = 2
+) -> float:
+    """Seconds per training step (forward, backward, AdamW) of ``net`` on random tokens,
+    after ``warmup`` untimed steps (the first steps run slower); the network is left as
+    it was."""
+    state = copy.deepcopy(net.state_dict())
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    t0 = time.perf_counter()
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        net(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    seconds = (time.perf_counter() - t0) / steps
+    net.load_state_dict(state)
+    net.eval()
+    return seconds
+
+
+def time_sampling(net, codec, prompt: str, samples: int, max_new_tokens: int) -> float:
+    """Seconds to draw ``samples`` continuations of ``max_new_tokens`` tokens of one
+    prompt from ``net`` (a :class:`CodebookModel`; ``codec`` as
+    :func:`~codebook_lens.steering.sampling.generate` takes it)."""
+    t0 = time.perf_counter()
+    generate(net, [prompt], codec, samples=samples, max_new_tokens=max_new_tokens, seed=0)
+    return time.perf_counter() - t0
+
+
+def sampling_batches(cfg: LMExperimentConfig, prompts: int, topics: int) -> float:
+    """The steering measurement's sampling, in batches of one prompt's
+    ``samples_per_prompt`` samples: the unsteered samples, and per topic the steered and
+    the primed ones, plus the calibration's held-out ones (``select: calibrated``)."""
+    s = cfg.steer
+    batches = prompts * (1 + 2 * topics)
+    if s.select == "calibrated":
+        ratio = s.calibration_samples / s.samples_per_prompt
+        batches += prompts * ratio * (1 + topics * s.calibration_points)
+    return batches
+
+
+def predicted_seconds(
+    cfg: LMExperimentConfig, step: float, sample: float, prompts: int, topics: int, scale=1.0
+) -> float:
+    """The run's seconds after the tokenizer, by the cost model, with its training steps
+    scaled by ``scale``."""
+    c = cfg.codebook
+    train = cfg.base.steps + CODEBOOK_STEP * c.steps * c.batch_size / cfg.base.batch_size
+    if c.control and c.from_base:
+        train += CONTROL_STEP * c.steps * c.batch_size / cfg.base.batch_size
+    steer = SAMPLE_OVERHEAD * sample * sampling_batches(cfg, prompts, topics)
+    return step * (scale * train + FIXED_STEPS + TOPIC_STEPS * topics) + steer
+
+
+def scaled(cfg: LMExperimentConfig, scale: float) -> LMExperimentConfig:
+    """``cfg`` with every training stage's steps and cadences scaled by ``scale``
+    (at least one step each; the codebook stage keeps at least one step after its
+    frozen ones)."""
+    if scale >= 1.0:
+        return cfg
+    out = copy.deepcopy(cfg)
+
+    def shrink(value: int, least: int = 1) -> int:
+        return max(least, int(round(value * scale)))
+
+    for stage in (out.base, out.codebook):
+        if stage.steps == 0:
+            continue
+        stage.steps = shrink(stage.steps)
+        stage.warmup_steps = min(shrink(stage.warmup_steps, 0), stage.steps)
+        stage.eval_every = shrink(stage.eval_every)
+        stage.checkpoint_every = shrink(stage.checkpoint_every)
+    c = out.codebook
+    if c.freeze_base_steps:
+        c.freeze_base_steps = min(shrink(c.freeze_base_steps), c.steps - 1)
+        if c.freeze_base_steps < 1:  # too few steps to split: the network trains along
+            c.freeze_base_steps = 0
+    if c.revive_after_steps is not None:
+        c.revive_after_steps = shrink(c.revive_after_steps)
+    return out
+
+
+def fit_budget(
+    cfg: LMExperimentConfig,
+    out: Path,
+    measure: Callable[[], tuple[float, float]],
+    prompts: int,
+    topics: int,
+    spent_seconds: float,
+    log: Callable[[str], None] = print,
+) -> tuple[LMExperimentConfig, Budget | None]:
+    """``cfg`` fitted to ``cfg.budget_minutes`` (see the module docstring), and what was
+    measured; ``cfg`` as it is without a budget. ``measure()`` returns the seconds of one
+    base training step and of one prompt's samples on this machine (e.g. from
+    :func:`time_base_step` and :func:`time_sampling`; not called when ``budget.json``
+    holds the factor of a run with the same settings); ``spent_seconds`` is the time the
+    run has spent already (tokenizer and data)."""
+    if cfg.budget_minutes is None:
+        return cfg, None
+    stamp = out / "budget.json"
+    unscaled = to_dict(cfg)
+    if stamp.exists():
+        saved = json.loads(stamp.read_text())
+        if saved.get("config") == unscaled:
+            budget = Budget(**saved["budget"])
+            log(
+                f"budget: reusing the factor {budget.scale:.3f} measured for this run "
+                f"(predicted {budget.predicted_minutes:.1f} min at full size)"
+            )
+            return scaled(cfg, budget.scale), budget
+    step, sample = measure()
+    full = predicted_seconds(cfg, step, sample, prompts, topics)
+    fixed = predicted_seconds(cfg, step, sample, prompts, topics, scale=0.0)
+    available = 60.0 * cfg.budget_minutes - spent_seconds
+    scale = 1.0
+    if full > available:
+        scale = math.floor(1000 * max(0.0, (available - fixed) / (full - fixed))) / 1000
+        if scale < MIN_SCALE:
+            raise ConfigError(
+                f"budget_minutes={cfg.budget_minutes:g} leaves too little time to train on "
+                f"this machine: the run at full size is predicted to take "
+                f"{(full + spent_seconds) / 60:.0f} min, its measurements alone "
+                f"{(fixed + spent_seconds) / 60:.0f} min (budget_minutes=null: no budget)"
+            )
+    budget = Budget(cfg.budget_minutes, step, sample, (full + spent_seconds) / 60.0, scale)
+    stamp.write_text(json.dumps({"config": unscaled, "budget": budget.to_dict()}, indent=2))
+    log(
+        f"budget: a base step takes {step:.2f} s here, one prompt's samples {sample:.2f} s; "
+        f"the run at full size is predicted to take {budget.predicted_minutes:.0f} min"
+        + (
+            ""
+            if scale >= 1.0
+            else f", so every training stage runs {100 * scale:.1f}% of its steps to fit "
+            f"{cfg.budget_minutes:g} min (budget_minutes=null: full size)"
+        )
+    )
+    return scaled(cfg, scale), budget

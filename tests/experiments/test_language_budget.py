@@ -1,0 +1,127 @@
+"""Fitting the language experiment to a time budget: the cost model and the scaled
+config by hand, the factor reused by a rerun, a clear error when nothing fits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import tiny_model
+
+from codebook_lens.experiments.language import budget as B
+from codebook_lens.experiments.language.config import ConfigError, load_lm_config
+
+
+def _cfg(*overrides: str):
+    return load_lm_config(
+        "cpu",
+        [
+            "base.steps=1000",
+            "base.warmup_steps=100",
+            "base.eval_every=200",
+            "base.checkpoint_every=400",
+            "codebook.steps=200",
+            "codebook.freeze_base_steps=100",
+            "codebook.warmup_steps=20",
+            "codebook.eval_every=50",
+            "codebook.checkpoint_every=50",
+            "codebook.control=false",
+            *overrides,
+        ],
+    )
+
+
+def test_predicted_seconds_by_hand():
+    cfg = _cfg("steer.select=measured")
+    # 10 prompts, 6 topics: 10 * (1 + 2 * 6) = 130 sampling batches
+    assert B.sampling_batches(cfg, 10, 6) == 130
+    step, sample = 2.0, 0.5
+    train = 1000 + B.CODEBOOK_STEP * 200
+    fixed = B.FIXED_STEPS + 6 * B.TOPIC_STEPS
+    expected = step * (train + fixed) + B.SAMPLE_OVERHEAD * sample * 130
+    assert B.predicted_seconds(cfg, step, sample, 10, 6) == pytest.approx(expected)
+    half = step * (0.5 * train + fixed) + B.SAMPLE_OVERHEAD * sample * 130
+    assert B.predicted_seconds(cfg, step, sample, 10, 6, scale=0.5) == pytest.approx(half)
+    # the control stage and a calibrated selection cost more: 4 points of 5 samples per
+    # prompt (half of samples_per_prompt = 10) per topic, plus the held-out unsteered
+    control = _cfg("steer.select=measured", "codebook.control=true")
+    extra = step * B.CONTROL_STEP * 200
+    got = B.predicted_seconds(control, step, sample, 10, 6)
+    assert got == pytest.approx(expected + extra)
+    calibrated = _cfg(
+        "steer.select=calibrated", "steer.calibration_points=4", "steer.calibration_samples=5"
+    )
+    assert B.sampling_batches(calibrated, 10, 6) == pytest.approx(130 + 10 * 0.5 * (1 + 24))
+
+
+def test_scaled_config_by_hand():
+    cfg = _cfg()
+    small = B.scaled(cfg, 0.25)
+    assert (small.base.steps, small.base.warmup_steps) == (250, 25)
+    assert (small.base.eval_every, small.base.checkpoint_every) == (50, 100)
+    assert (small.codebook.steps, small.codebook.freeze_base_steps) == (50, 25)
+    assert (small.codebook.warmup_steps, small.codebook.eval_every) == (5, 12)
+    # nothing else moves, and the original is untouched
+    assert small.codebook.attn_num_codes == cfg.codebook.attn_num_codes
+    assert small.steer == cfg.steer and cfg.base.steps == 1000
+    assert B.scaled(cfg, 1.0) is cfg
+    # a stage too short to split trains the network along from its first step
+    tiny = B.scaled(cfg, 0.004)
+    assert tiny.codebook.steps == 1 and tiny.codebook.freeze_base_steps == 0
+    assert tiny.base.steps == 4 and tiny.base.eval_every == 1
+
+
+def test_fit_budget_scales_to_the_budget_and_a_rerun_reuses_the_factor(tmp_path):
+    cfg = _cfg("budget_minutes=50")
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return 2.0, 0.5
+
+    logged: list[str] = []
+    fitted, budget = B.fit_budget(cfg, tmp_path, measure, 10, 6, 60.0, logged.append)
+    full = B.predicted_seconds(cfg, 2.0, 0.5, 10, 6)
+    fixed = B.predicted_seconds(cfg, 2.0, 0.5, 10, 6, scale=0.0)
+    scale = (50 * 60 - 60 - fixed) / (full - fixed)
+    assert budget.scale == pytest.approx(scale, abs=1e-3) and budget.scale <= scale
+    assert budget.predicted_minutes == pytest.approx((full + 60) / 60)
+    # the scaled run is predicted to fit the budget
+    assert B.predicted_seconds(cfg, 2.0, 0.5, 10, 6, budget.scale) + 60 <= 50 * 60
+    assert fitted.base.steps == round(1000 * budget.scale)
+    assert "runs" in logged[-1] and calls == [1]
+    saved = json.loads((tmp_path / "budget.json").read_text())
+    assert saved["budget"]["scale"] == budget.scale
+    # a rerun of the same settings reuses the factor without timing anything
+    again, reused = B.fit_budget(cfg, tmp_path, measure, 10, 6, 0.0, logged.append)
+    assert calls == [1] and reused == budget and again.base.steps == fitted.base.steps
+    # other settings: timed again
+    B.fit_budget(_cfg("budget_minutes=600"), tmp_path, measure, 10, 6, 0.0, logged.append)
+    assert calls == [1, 1]
+
+
+def test_fit_budget_without_a_budget_or_with_room_to_spare(tmp_path):
+    cfg = _cfg()
+    assert cfg.budget_minutes == 55  # the cpu preset's
+    roomy, budget = B.fit_budget(cfg, tmp_path, lambda: (0.01, 0.01), 10, 6, 0.0, print)
+    assert budget.scale == 1.0 and roomy.base.steps == 1000
+    off = _cfg("budget_minutes=null")
+    same, none = B.fit_budget(off, tmp_path, lambda: pytest.fail("timed"), 10, 6, 0.0, print)
+    assert none is None and same is off
+
+
+def test_fit_budget_refuses_a_budget_that_leaves_no_training(tmp_path):
+    cfg = _cfg("budget_minutes=1")
+    with pytest.raises(ConfigError, match="budget_minutes=1 leaves too little time"):
+        B.fit_budget(cfg, tmp_path, lambda: (2.0, 0.5), 10, 6, 0.0, print)
+    with pytest.raises(ConfigError, match="budget_minutes"):
+        _cfg("budget_minutes=0")
+
+
+def test_timing_leaves_the_network_as_it_was():
+    net = tiny_model("gpt_neox")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    seconds = B.time_base_step(net, net.config.vocab_size, 2, 8, steps=1, warmup=1)
+    assert seconds > 0
+    after = net.state_dict()
+    assert all((before[k] == after[k]).all() for k in before)
