@@ -35,23 +35,36 @@ def test_predicted_seconds_by_hand():
     cfg = _cfg("steer.select=measured")
     # 10 prompts, 6 topics: 10 * (1 + 2 * 6) = 130 sampling batches
     assert B.sampling_batches(cfg, 10, 6) == 130
+    # the cpu network: 2 layers of 4 heads, one codebook per head
+    assert B.groups(cfg) == 8
+    # forward passes, in tokens: quality (5 * 32 eval + 2 * 16 ablation batches of
+    # 32 x 128), the cache six times (200,000 tokens), and per topic a fixed amount and
+    # 8 candidates of 8 heads twice over 10 prompts x 10 samples x (32 + 4) tokens
+    quality = (5 * 32 + 2 * 16) * 32 * 128
+    selection = 6 * B.TOPIC_FORWARDS + 6 * 2 * 8 * 8 * (10 * 10 * 36)
+    assert B.measure_forwards(cfg, 10, 6) == quality + 6 * 200_000 + selection
     step, sample = 2.0, 0.5
     train = 1000 + B.CODEBOOK_STEP * 200
-    fixed = B.FIXED_STEPS + 6 * B.TOPIC_STEPS
-    expected = step * (train + fixed) + B.SAMPLE_OVERHEAD * sample * 130
+    kmeans = B.KMEANS_STEPS  # 16,384 tokens, 2,048 codes
+    token = step / (3 * 32 * 128)
+    rest = token * (quality + 6 * 200_000 + selection) + B.SAMPLE_OVERHEAD * sample * 130
+    expected = step * (train + kmeans) + rest
     assert B.predicted_seconds(cfg, step, sample, 10, 6) == pytest.approx(expected)
-    half = step * (0.5 * train + fixed) + B.SAMPLE_OVERHEAD * sample * 130
+    half = step * (0.5 * train + kmeans) + rest
     assert B.predicted_seconds(cfg, step, sample, 10, 6, scale=0.5) == pytest.approx(half)
-    # the control stage and a calibrated selection cost more: 4 points of 5 samples per
-    # prompt (half of samples_per_prompt = 10) per topic, plus the held-out unsteered
+    # the control stage costs its steps
     control = _cfg("steer.select=measured", "codebook.control=true")
-    extra = step * B.CONTROL_STEP * 200
     got = B.predicted_seconds(control, step, sample, 10, 6)
-    assert got == pytest.approx(expected + extra)
+    assert got == pytest.approx(expected + step * B.CONTROL_STEP * 200)
+    # a calibrated selection: 4 points of 5 samples per prompt (half of
+    # samples_per_prompt = 10) per topic plus the held-out unsteered ones; its path is
+    # measured on the 5 held-out samples per prompt
     calibrated = _cfg(
         "steer.select=calibrated", "steer.calibration_points=4", "steer.calibration_samples=5"
     )
     assert B.sampling_batches(calibrated, 10, 6) == pytest.approx(130 + 10 * 0.5 * (1 + 24))
+    half_paths = 6 * B.TOPIC_FORWARDS + 6 * 2 * 8 * 8 * (10 * 5 * 36)
+    assert B.measure_forwards(calibrated, 10, 6) == quality + 6 * 200_000 + half_paths
 
 
 def test_scaled_config_by_hand():
@@ -102,7 +115,7 @@ def test_fit_budget_scales_to_the_budget_and_a_rerun_reuses_the_factor(tmp_path)
 
 def test_fit_budget_without_a_budget_or_with_room_to_spare(tmp_path):
     cfg = _cfg()
-    assert cfg.budget_minutes == 55  # the cpu preset's
+    assert cfg.budget_minutes == 50  # the cpu preset's
     roomy, budget = B.fit_budget(cfg, tmp_path, lambda: (0.01, 0.01), 10, 6, 0.0, print)
     assert budget.scale == 1.0 and roomy.base.steps == 1000
     off = _cfg("budget_minutes=null")

@@ -295,7 +295,7 @@ def test_demo_preset_is_the_cpu_experiment_cut_down():
     assert not cpu.codebook.control and not demo.codebook.control
     assert demo.measure.cache_tokens < cpu.measure.cache_tokens
     # each fits its budget on the machine it runs on (training scaled down when needed)
-    assert (cpu.budget_minutes, demo.budget_minutes) == (55, 14)
+    assert (cpu.budget_minutes, demo.budget_minutes) == (50, 12)
     # codes chosen by sampling prefixes of the measured path from held-out seeds, within
     # 0.8 nats of measured fluency cost (the target allows 1)
     assert demo.steer.select == cpu.steer.select == "calibrated"

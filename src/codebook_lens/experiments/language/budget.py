@@ -10,13 +10,20 @@ below, and when the prediction passes the budget scales every training stage's s
 measurements (held-out batches, cache, regexes, steering samples) are not scaled: they
 are the protocol.
 
-Cost model, in base training steps of the same batch (measured on the cpu preset's run
-alone on the AVX-512 machine, docs/results/language.md): a codebook-stage step costs
-:data:`CODEBOOK_STEP` base steps (the codebooks and the teacher's forward pass), a
-control step :data:`CONTROL_STEP`, the k-means initialisation and the measurements
-before steering :data:`FIXED_STEPS`, the choice of each topic's codes (forward passes
-over the candidates) :data:`TOPIC_STEPS`; steering's sampling costs
-:data:`SAMPLE_OVERHEAD` times its timed sampling (the samples are scored too).
+Cost model. Training, in base training steps of the timed batch: a codebook-stage
+step costs :data:`CODEBOOK_STEP` base steps of its batch (the codebooks and the
+teacher's forward pass), a control step :data:`CONTROL_STEP`, the k-means
+initialisation :data:`KMEANS_STEPS` (at 16,384 tokens and 2,048 codes, in proportion
+to both). Measurements, in forward passes of one token (a third of a training step's
+time per token): the quality batches through :data:`QUALITY_PASSES` models (the
+ablation batches through two), every cached token :data:`CACHE_PASSES` times (the cache
+and the regexes' two passes over it, codes and neurons), and per topic
+:data:`TOPIC_FORWARDS` (first-order effects over the cache, topic rates, scoring) plus
+every candidate code twice over the measuring contexts (alone and on the greedy path)
+for a selection that measures them; steering's
+sampling costs :data:`SAMPLE_OVERHEAD` times its timed sampling (the samples are scored
+too). The constants were fitted to the cpu preset's stage times on the AVX-512 machine
+(docs/results/language.md) and checked against the same run on an AVX2 machine.
 
 The factor is written to ``budget.json`` in the run directory and reused by a rerun
 with the same settings, so a rerun finds its trained stages whatever it times.
@@ -40,9 +47,11 @@ from codebook_lens.training.config import to_dict
 
 CODEBOOK_STEP = 1.8
 CONTROL_STEP = 1.0
-FIXED_STEPS = 300.0
-TOPIC_STEPS = 70.0
-SAMPLE_OVERHEAD = 1.3
+KMEANS_STEPS = 105.0
+QUALITY_PASSES = 5
+CACHE_PASSES = 6
+TOPIC_FORWARDS = 330_000
+SAMPLE_OVERHEAD = 1.5
 MIN_SCALE = 0.05  # below this share of its steps a stage trains too little to measure
 
 
@@ -105,17 +114,48 @@ def sampling_batches(cfg: LMExperimentConfig, prompts: int, topics: int) -> floa
     return batches
 
 
+def groups(cfg: LMExperimentConfig) -> int:
+    """Codebook groups that steering draws candidates from: a head of every attention
+    codebook, every other codebook whole."""
+    layers = len(cfg.codebook.layers) if cfg.codebook.layers is not None else cfg.net.layers
+    return sum(
+        layers * (cfg.net.heads if site == "attn_heads" else 1) for site in cfg.codebook.sites
+    )
+
+
+def measure_forwards(cfg: LMExperimentConfig, prompts: int, topics: int) -> float:
+    """The measurements' forward passes, in tokens (see the module docstring)."""
+    m, s = cfg.measure, cfg.steer
+    block = cfg.codebook.batch_size * cfg.data.seq_len
+    quality = (QUALITY_PASSES * m.eval_batches + 2 * m.ablation_batches) * block
+    samples = s.calibration_samples if s.select == "calibrated" else s.samples_per_prompt
+    context = prompts * samples * (s.max_new_tokens + 4)
+    selection = topics * TOPIC_FORWARDS
+    if s.select in ("measured", "calibrated"):
+        selection += topics * 2 * s.candidates_per_group * groups(cfg) * context
+    return quality + CACHE_PASSES * m.cache_tokens + selection
+
+
 def predicted_seconds(
     cfg: LMExperimentConfig, step: float, sample: float, prompts: int, topics: int, scale=1.0
 ) -> float:
     """The run's seconds after the tokenizer, by the cost model, with its training steps
-    scaled by ``scale``."""
+    scaled by ``scale``; ``step`` is one base training step, ``sample`` one prompt's
+    steering samples."""
     c = cfg.codebook
-    train = cfg.base.steps + CODEBOOK_STEP * c.steps * c.batch_size / cfg.base.batch_size
+    b = cfg.base if cfg.base.steps else c
+    train = cfg.base.steps + CODEBOOK_STEP * c.steps * c.batch_size / b.batch_size
     if c.control and c.from_base:
-        train += CONTROL_STEP * c.steps * c.batch_size / cfg.base.batch_size
+        train += CONTROL_STEP * c.steps * c.batch_size / b.batch_size
+    kmeans = 0.0
+    if c.kmeans_init:
+        kmeans = (
+            KMEANS_STEPS * c.kmeans_tokens / 16384 * max(c.num_codes(x) for x in c.sites) / 2048
+        )
+    token = step / (3 * b.batch_size * cfg.data.seq_len)
+    forwards = token * measure_forwards(cfg, prompts, topics)
     steer = SAMPLE_OVERHEAD * sample * sampling_batches(cfg, prompts, topics)
-    return step * (scale * train + FIXED_STEPS + TOPIC_STEPS * topics) + steer
+    return step * (scale * train + kmeans) + forwards + steer
 
 
 def scaled(cfg: LMExperimentConfig, scale: float) -> LMExperimentConfig:

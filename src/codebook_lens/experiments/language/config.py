@@ -333,7 +333,7 @@ PRESETS: dict[str, dict] = {
     # (+0.092 end to end, 36 min 31 s alone; `codebook.sites=[attn_heads,mlp]` puts the
     # MLP codebooks back)
     "cpu": {
-        "budget_minutes": 55,
+        "budget_minutes": 50,
         "base": {"steps": 2800, "eval_every": 400, "eval_batches": 16, "checkpoint_every": 400},
         "codebook": {
             "sites": ["attn_heads"],
@@ -376,7 +376,7 @@ PRESETS: dict[str, dict] = {
     # the same experiment on a shorter budget (at most 15 minutes here): half-size
     # batches, shorter stages, no control, fewer measuring batches and a smaller cache
     "demo": {
-        "budget_minutes": 14,
+        "budget_minutes": 12,
         "base": {"steps": 600, "batch_size": 16, "eval_every": 200, "eval_batches": 8},
         "codebook": {
             "sites": ["attn_heads"],

@@ -258,7 +258,8 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
     def measure() -> tuple[float, float]:
         log(f"budget: timing training and sampling to fit {cfg.budget_minutes:g} minutes")
         net = build_base(cfg, tokenizer, cfg.base.seed)
-        step = time_base_step(net, len(tokenizer), cfg.base.batch_size, cfg.data.seq_len)
+        batch = (cfg.base if cfg.base.steps else cfg.codebook).batch_size
+        step = time_base_step(net, len(tokenizer), batch, cfg.data.seq_len)
         wrapped = CodebookModel(net, CodebookModelConfig([])).eval()
         try:
             s = cfg.steer
