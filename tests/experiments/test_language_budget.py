@@ -138,3 +138,34 @@ def test_timing_leaves_the_network_as_it_was():
     assert seconds > 0
     after = net.state_dict()
     assert all((before[k] == after[k]).all() for k in before)
+
+
+def test_the_summary_names_the_cpu_and_a_scaled_budget(capsys, tmp_path):
+    from codebook_lens.cli.lm import print_lm_summary
+    from codebook_lens.core.cpu import describe_cpu
+
+    m = {
+        "base.loss": 3.6,
+        "base.accuracy": 0.3,
+        "codebook.loss": 3.7,
+        "codebook.accuracy": 0.29,
+        "gap_recovered": 0.97,
+        "codebook.kl": 0.1,
+        "loss_increase": 0.1,
+        "regex.codes_win_share": 0.9,
+        "regex.regexes": 14,
+        "regex.median_lead_points": 40.0,
+        "steer.topics_steered": 0,
+        "steer.topics": 0,
+        "seconds.base": 600.0,
+        "seconds.codebook": 300.0,
+        "budget.scale": 0.44,
+        "budget.step_seconds": 1.3,
+        "budget.predicted_minutes": 94.0,
+    }
+    print_lm_summary(m, tmp_path)
+    printed = capsys.readouterr().out
+    assert f"15.0 min on {describe_cpu()}" in printed
+    assert "scaled to 44.0% of its steps" in printed and "1.30 s" in printed
+    print_lm_summary({**m, "budget.scale": 1.0}, tmp_path)
+    assert "scaled" not in capsys.readouterr().out

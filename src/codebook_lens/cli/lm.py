@@ -8,6 +8,7 @@ import json
 import textwrap
 from pathlib import Path
 
+from codebook_lens.core.cpu import describe_cpu
 from codebook_lens.core.files import check_output_dir
 
 PRESET_HELP = (
@@ -35,8 +36,9 @@ def demo_lm(out: str | Path, overrides: list[str]) -> int:
     print(
         "codebook demo lm: codebook features on natural language, on a short budget. It trains "
         "a BPE tokenizer and a small GPT-NeoX on the offline English corpus, then a copy with "
-        "a codebook on every attention head and MLP, and measures its quality, its codes "
-        "against neurons on regexes, and topic steering at the paper's strength.",
+        "a codebook on every attention head, and measures its quality, its codes against "
+        "neurons on regexes, and topic steering at the paper's strength. On a slow machine "
+        "its training is scaled down to fit its time budget.",
         flush=True,
     )
     metrics = run(cfg, out)
@@ -81,7 +83,15 @@ def print_lm_summary(m: dict, out: str | Path) -> None:
     print(f"  {m['steer.topics_steered']} of {m['steer.topics']} topics steered (>= 60% on topic,")
     print("  <= 20% unsteered, fluency cost <= 1 nat)")
     minutes = sum(v for k, v in m.items() if k.startswith("seconds.")) / 60
-    print(f"\n  {minutes:.1f} min; report: {Path(out, 'report.html').resolve()}")
+    print(
+        f"\n  {minutes:.1f} min on {describe_cpu()}; report: {Path(out, 'report.html').resolve()}"
+    )
+    if m.get("budget.scale", 1.0) < 1.0:
+        print(
+            f"  training scaled to {pct(m['budget.scale'])} of its steps to fit the time budget "
+            f"(a base step took {m['budget.step_seconds']:.2f} s on this machine; the full "
+            f"size was predicted to take {m['budget.predicted_minutes']:.0f} min)"
+        )
 
 
 def print_samples(out: Path, topics: int = 3) -> None:

@@ -6,6 +6,7 @@ import html
 import json
 from pathlib import Path
 
+from codebook_lens.core.cpu import describe_cpu
 from codebook_lens.experiments.language.measures import needed_topic_rate
 from codebook_lens.experiments.language.metrics import METRIC_KEYS
 from codebook_lens.plots import (
@@ -295,6 +296,7 @@ def lm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
         parts.append(f"<h3>{html.escape(r['name'])}</h3>" + _samples(r))
 
     parts.append("<h2>Timings</h2>")
+    parts.append(f"<p>Machine: {html.escape(describe_cpu())}.</p>")
     if "budget.scale" in m:
         parts.append(
             f"<p>Budget: {cfg.budget_minutes:g} minutes. A base training step took "
