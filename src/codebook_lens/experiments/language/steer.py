@@ -41,7 +41,12 @@ from codebook_lens.experiments.language.measures import (
 )
 from codebook_lens.steering.intervene import Intervention
 from codebook_lens.steering.sampling import generate
-from codebook_lens.steering.topic_codes import forced_log_probs, forcing_of, measured_topic_codes
+from codebook_lens.steering.topic_codes import (
+    TopicCodes,
+    forced_log_probs,
+    forcing_of,
+    measured_topic_codes,
+)
 
 
 def per_group(refs: Sequence[CodeRef], n: int) -> list[CodeRef]:
@@ -90,6 +95,29 @@ def _word_codes(cache: CodeCache, topic: Topic, cfg: SteerSection) -> list[CodeR
     return [h.ref for h in hits]
 
 
+def measured_path(
+    cache: CodeCache, topic: Topic, cfg: SteerSection, contexts, max_cost: float
+) -> TopicCodes | None:
+    """:func:`measured_topic_codes` with ``cfg``'s settings up to ``max_cost``; ``None``
+    when the topic has no candidate (no topic word starts with a token of its own, or no
+    code qualifies)."""
+    try:
+        return measured_topic_codes(
+            cache,
+            topic.words,
+            contexts=contexts,
+            candidates_per_group=cfg.candidates_per_group,
+            target_rate=cfg.target_rate,
+            max_cost=max_cost,
+            min_count=cfg.min_count,
+            max_frequency=cfg.max_frequency,
+            mode=cfg.mode,
+            strength=cfg.strength,
+        )
+    except SearchError:
+        return None
+
+
 def select_codes(cache: CodeCache, topic: Topic, cfg: SteerSection, contexts=None) -> list[CodeRef]:
     """The codes forced on for ``topic`` (see :class:`SteerSection`); none when no cached
     token is followed by a topic word (``select: words``). ``select: calibrated`` samples
@@ -97,22 +125,8 @@ def select_codes(cache: CodeCache, topic: Topic, cfg: SteerSection, contexts=Non
     if cfg.select == "calibrated":
         raise SearchError("select: calibrated samples the model: use calibrated_codes")
     if cfg.select == "measured":
-        try:
-            found = measured_topic_codes(
-                cache,
-                topic.words,
-                contexts=contexts,
-                candidates_per_group=cfg.candidates_per_group,
-                target_rate=cfg.target_rate,
-                max_cost=cfg.max_cost,
-                min_count=cfg.min_count,
-                max_frequency=cfg.max_frequency,
-                mode=cfg.mode,
-                strength=cfg.strength,
-            )
-        except SearchError:
-            return []
-        return found.codes
+        found = measured_path(cache, topic, cfg, contexts, cfg.max_cost)
+        return [] if found is None else found.codes
     if cfg.select == "effect":
         try:
             effects = effect_topic_codes(
@@ -204,20 +218,8 @@ def calibrated_codes(
     is at most ``cfg.max_cost`` is kept (the cheaper one on a tie). None qualifies:
     no codes."""
     contexts = sample_blocks(codec, prompts, held_out.texts, int(cache.manifest["seq_len"]))
-    try:
-        found = measured_topic_codes(
-            cache,
-            topic.words,
-            contexts=contexts,
-            candidates_per_group=cfg.candidates_per_group,
-            target_rate=cfg.target_rate,
-            max_cost=cfg.explore_cost,
-            min_count=cfg.min_count,
-            max_frequency=cfg.max_frequency,
-            mode=cfg.mode,
-            strength=cfg.strength,
-        )
-    except SearchError:
+    found = measured_path(cache, topic, cfg, contexts, cfg.explore_cost)
+    if found is None:
         return [], []
     tried = []
     for i in path_points([f.cost for f in found.path], cfg.calibration_points, cfg.explore_cost):
