@@ -136,6 +136,12 @@ def measure_forwards(cfg: LMExperimentConfig, prompts: int, topics: int) -> floa
     return quality + CACHE_PASSES * m.cache_tokens + selection
 
 
+def timed_batch(cfg: LMExperimentConfig) -> int:
+    """The batch size of the training step that is timed: the base stage's, or the
+    codebook stage's for a pretrained base used as it is (``base.steps = 0``)."""
+    return (cfg.base if cfg.base.steps else cfg.codebook).batch_size
+
+
 def predicted_seconds(
     cfg: LMExperimentConfig, step: float, sample: float, prompts: int, topics: int, scale=1.0
 ) -> float:
@@ -143,16 +149,16 @@ def predicted_seconds(
     scaled by ``scale``; ``step`` is one base training step, ``sample`` one prompt's
     steering samples."""
     c = cfg.codebook
-    b = cfg.base if cfg.base.steps else c
-    train = cfg.base.steps + CODEBOOK_STEP * c.steps * c.batch_size / b.batch_size
+    batch = timed_batch(cfg)
+    train = cfg.base.steps + CODEBOOK_STEP * c.steps * c.batch_size / batch
     if c.control and c.from_base:
-        train += CONTROL_STEP * c.steps * c.batch_size / b.batch_size
+        train += CONTROL_STEP * c.steps * c.batch_size / batch
     kmeans = 0.0
     if c.kmeans_init:
         kmeans = (
             KMEANS_STEPS * c.kmeans_tokens / 16384 * max(c.num_codes(x) for x in c.sites) / 2048
         )
-    token = step / (3 * b.batch_size * cfg.data.seq_len)
+    token = step / (3 * batch * cfg.data.seq_len)
     forwards = token * measure_forwards(cfg, prompts, topics)
     steer = SAMPLE_OVERHEAD * sample * sampling_batches(cfg, prompts, topics)
     return step * (scale * train + kmeans) + forwards + steer

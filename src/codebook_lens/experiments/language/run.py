@@ -40,7 +40,12 @@ from codebook_lens.core.model import CodebookModel, CodebookModelConfig
 from codebook_lens.data.documents import Blocks, iter_documents, tokenize_documents
 from codebook_lens.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from codebook_lens.experiments.language import evaluate as E
-from codebook_lens.experiments.language.budget import fit_budget, time_base_step, time_sampling
+from codebook_lens.experiments.language.budget import (
+    fit_budget,
+    time_base_step,
+    time_sampling,
+    timed_batch,
+)
 from codebook_lens.experiments.language.config import (
     REGEX_FILE,
     TOPIC_FILE,
@@ -258,8 +263,7 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
     def measure() -> tuple[float, float]:
         log(f"budget: timing training and sampling to fit {cfg.budget_minutes:g} minutes")
         net = build_base(cfg, tokenizer, cfg.base.seed)
-        batch = (cfg.base if cfg.base.steps else cfg.codebook).batch_size
-        step = time_base_step(net, len(tokenizer), batch, cfg.data.seq_len)
+        step = time_base_step(net, len(tokenizer), timed_batch(cfg), cfg.data.seq_len)
         wrapped = CodebookModel(net, CodebookModelConfig([])).eval()
         try:
             s = cfg.steer
