@@ -50,12 +50,15 @@ def test_predicted_seconds_by_hand():
     rest = token * (quality + 6 * 200_000 + selection) + B.SAMPLE_OVERHEAD * sample * 130
     expected = step * (train + kmeans) + rest
     assert B.predicted_seconds(cfg, step, sample, 10, 6) == pytest.approx(expected)
-    half = step * (0.5 * train + kmeans) + rest
-    assert B.predicted_seconds(cfg, step, sample, 10, 6, scale=0.5) == pytest.approx(half)
+    # at a factor of 0.25 the base runs a quarter of its steps, the codebook stage half
+    quarter = step * (0.25 * 1000 + 0.5 * B.CODEBOOK_STEP * 200 + kmeans) + rest
+    assert B.predicted_seconds(cfg, step, sample, 10, 6, scale=0.25) == pytest.approx(quarter)
     # the control stage costs its steps
     control = _cfg("steer.select=measured", "codebook.control=true")
     got = B.predicted_seconds(control, step, sample, 10, 6)
     assert got == pytest.approx(expected + step * B.CONTROL_STEP * 200)
+    got = B.predicted_seconds(control, step, sample, 10, 6, scale=0.25)
+    assert got == pytest.approx(quarter + 0.5 * step * B.CONTROL_STEP * 200)
     # a calibrated selection: 4 points of 5 samples per prompt (half of
     # samples_per_prompt = 10) per topic plus the held-out unsteered ones; its path is
     # measured on the 5 held-out samples per prompt
@@ -69,19 +72,21 @@ def test_predicted_seconds_by_hand():
 
 def test_scaled_config_by_hand():
     cfg = _cfg()
-    small = B.scaled(cfg, 0.25)
+    assert B.stage_scales(0.25) == (0.25, 0.5)
+    small = B.scaled(cfg, 0.25)  # the base to a quarter, the codebook stage to half
     assert (small.base.steps, small.base.warmup_steps) == (250, 25)
     assert (small.base.eval_every, small.base.checkpoint_every) == (50, 100)
-    assert (small.codebook.steps, small.codebook.freeze_base_steps) == (50, 25)
-    assert (small.codebook.warmup_steps, small.codebook.eval_every) == (5, 12)
+    assert (small.codebook.steps, small.codebook.freeze_base_steps) == (100, 50)
+    assert (small.codebook.warmup_steps, small.codebook.eval_every) == (10, 25)
+    assert small.codebook.revive_after_steps == 25  # the cpu preset's 50, halved
     # nothing else moves, and the original is untouched
     assert small.codebook.attn_num_codes == cfg.codebook.attn_num_codes
     assert small.steer == cfg.steer and cfg.base.steps == 1000
     assert B.scaled(cfg, 1.0) is cfg
     # a stage too short to split trains the network along from its first step
-    tiny = B.scaled(cfg, 0.004)
+    tiny = B.scaled(cfg, 0.00001)  # sqrt: 0.00316
     assert tiny.codebook.steps == 1 and tiny.codebook.freeze_base_steps == 0
-    assert tiny.base.steps == 4 and tiny.base.eval_every == 1
+    assert tiny.base.steps == 1 and tiny.base.eval_every == 1
 
 
 def test_fit_budget_scales_to_the_budget_and_a_rerun_reuses_the_factor(tmp_path):
@@ -96,12 +101,17 @@ def test_fit_budget_scales_to_the_budget_and_a_rerun_reuses_the_factor(tmp_path)
     fitted, budget = B.fit_budget(cfg, tmp_path, measure, 10, 6, 60.0, logged.append)
     full = B.predicted_seconds(cfg, 2.0, 0.5, 10, 6)
     fixed = B.predicted_seconds(cfg, 2.0, 0.5, 10, 6, scale=0.0)
-    scale = (50 * 60 - 60 - fixed) / (full - fixed)
-    assert budget.scale == pytest.approx(scale, abs=1e-3) and budget.scale <= scale
+    # by hand: with u = sqrt(s) the scaled run takes fixed + 2 (1000 u^2 + 360 u) seconds,
+    # the budget leaves 50 * 60 - 60; the positive root of the quadratic
+    a, b, c = 2.0 * 1000, 2.0 * B.CODEBOOK_STEP * 200, fixed - (50 * 60 - 60)
+    root = (-b + (b * b - 4 * a * c) ** 0.5) / (2 * a)
+    assert budget.scale == pytest.approx(root**2, abs=1e-3) and budget.scale <= root**2
     assert budget.predicted_minutes == pytest.approx((full + 60) / 60)
-    # the scaled run is predicted to fit the budget
+    # the scaled run is predicted to fit the budget, a thousandth more would not
     assert B.predicted_seconds(cfg, 2.0, 0.5, 10, 6, budget.scale) + 60 <= 50 * 60
+    assert B.predicted_seconds(cfg, 2.0, 0.5, 10, 6, budget.scale + 1e-3) + 60 > 50 * 60
     assert fitted.base.steps == round(1000 * budget.scale)
+    assert fitted.codebook.steps == round(200 * budget.scale**0.5)
     assert "runs" in logged[-1] and calls == [1]
     saved = json.loads((tmp_path / "budget.json").read_text())
     assert saved["budget"]["scale"] == budget.scale
@@ -160,12 +170,13 @@ def test_the_summary_names_the_cpu_and_a_scaled_budget(capsys, tmp_path):
         "seconds.base": 600.0,
         "seconds.codebook": 300.0,
         "budget.scale": 0.44,
+        "budget.codebook_scale": 0.66,
         "budget.step_seconds": 1.3,
         "budget.predicted_minutes": 94.0,
     }
     print_lm_summary(m, tmp_path)
     printed = capsys.readouterr().out
     assert f"15.0 min on {describe_cpu()}" in printed
-    assert "scaled to 44.0% of its steps" in printed and "1.30 s" in printed
+    assert "the base ran 44.0% of its steps, the codebook stage 66.0%" in printed and "1.30 s" in printed
     print_lm_summary({**m, "budget.scale": 1.0}, tmp_path)
     assert "scaled" not in capsys.readouterr().out

@@ -88,7 +88,8 @@ def print_lm_summary(m: dict, out: str | Path) -> None:
     )
     if m.get("budget.scale", 1.0) < 1.0:
         print(
-            f"  training scaled to {pct(m['budget.scale'])} of its steps to fit the time budget "
+            f"  training scaled to fit the time budget: the base ran {pct(m['budget.scale'])} "
+            f"of its steps, the codebook stage {pct(m['budget.codebook_scale'])} "
             f"(a base step took {m['budget.step_seconds']:.2f} s on this machine; the full "
             f"size was predicted to take {m['budget.predicted_minutes']:.0f} min)"
         )

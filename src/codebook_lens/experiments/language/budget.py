@@ -5,10 +5,14 @@ CPUs of one kind of machine differ by a factor of about three on this workload (
 AVX2 only at 3,400). A preset with ``budget_minutes`` set is sized for a fast machine;
 before training, :func:`fit_budget` times the base network's training step and the
 sampling of one prompt on this machine, predicts the whole run with the cost model
-below, and when the prediction passes the budget scales every training stage's steps
-(and their warm-up, freeze, eval and checkpoint cadences) by one factor. The
-measurements (held-out batches, cache, regexes, steering samples) are not scaled: they
-are the protocol.
+below, and when the prediction passes the budget scales the training stages' steps (and their
+warm-up, freeze, eval and checkpoint cadences): the base's by a factor ``s`` and the
+codebook stage's (and the control's) by ``sqrt(s)``, the largest ``s`` that fits
+(:func:`stage_scales`). The codebook stage shrinks less because it makes what the
+experiment compares, the codebook model against its base: a shorter base is a weaker
+base, but a shorter codebook stage leaves a wider gap to it. The measurements
+(held-out batches, cache, regexes, steering samples) are not scaled: they are the
+protocol.
 
 Cost model. Training, in base training steps of the timed batch: a codebook-stage
 step costs :data:`CODEBOOK_STEP` base steps of its batch (the codebooks and the
@@ -63,10 +67,21 @@ class Budget:
     step_seconds: float  # one base training step here
     sample_seconds: float  # one prompt's samples (samples_per_prompt x max_new_tokens)
     predicted_minutes: float  # the run at full size, predicted
-    scale: float  # the factor applied to every stage's steps (1: full size)
+    scale: float  # the factor applied to the base's steps (1: full size)
+
+    @property
+    def codebook_scale(self) -> float:
+        """The factor applied to the codebook (and control) stage's steps."""
+        return stage_scales(self.scale)[1]
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
+
+
+def stage_scales(scale: float) -> tuple[float, float]:
+    """The factors of the base's steps and of the codebook stage's for a budget factor
+    ``scale`` (see the module docstring)."""
+    return scale, math.sqrt(scale)
 
 
 def time_base_step(
@@ -146,13 +161,15 @@ def predicted_seconds(
     cfg: LMExperimentConfig, step: float, sample: float, prompts: int, topics: int, scale=1.0
 ) -> float:
     """The run's seconds after the tokenizer, by the cost model, with its training steps
-    scaled by ``scale``; ``step`` is one base training step, ``sample`` one prompt's
-    steering samples."""
+    scaled for the budget factor ``scale`` (:func:`stage_scales`); ``step`` is one base
+    training step, ``sample`` one prompt's steering samples."""
     c = cfg.codebook
     batch = timed_batch(cfg)
-    train = cfg.base.steps + CODEBOOK_STEP * c.steps * c.batch_size / batch
+    base_scale, codebook_scale = stage_scales(scale)
+    stages = CODEBOOK_STEP * c.steps * c.batch_size / batch
     if c.control and c.from_base:
-        train += CONTROL_STEP * c.steps * c.batch_size / batch
+        stages += CONTROL_STEP * c.steps * c.batch_size / batch
+    train = base_scale * cfg.base.steps + codebook_scale * stages
     kmeans = 0.0
     if c.kmeans_init:
         kmeans = (
@@ -161,35 +178,49 @@ def predicted_seconds(
     token = step / (3 * batch * cfg.data.seq_len)
     forwards = token * measure_forwards(cfg, prompts, topics)
     steer = SAMPLE_OVERHEAD * sample * sampling_batches(cfg, prompts, topics)
-    return step * (scale * train + kmeans) + forwards + steer
+    return step * (train + kmeans) + forwards + steer
 
 
 def scaled(cfg: LMExperimentConfig, scale: float) -> LMExperimentConfig:
-    """``cfg`` with every training stage's steps and cadences scaled by ``scale``
-    (at least one step each; the codebook stage keeps at least one step after its
-    frozen ones)."""
+    """``cfg`` with its training stages' steps and cadences scaled for the budget
+    factor ``scale`` (:func:`stage_scales`; at least one step each; the codebook stage
+    keeps at least one step after its frozen ones)."""
     if scale >= 1.0:
         return cfg
     out = copy.deepcopy(cfg)
 
-    def shrink(value: int, least: int = 1) -> int:
-        return max(least, int(round(value * scale)))
+    def shrink(value: int, factor: float, least: int = 1) -> int:
+        return max(least, int(round(value * factor)))
 
-    for stage in (out.base, out.codebook):
+    for stage, factor in zip((out.base, out.codebook), stage_scales(scale), strict=True):
         if stage.steps == 0:
             continue
-        stage.steps = shrink(stage.steps)
-        stage.warmup_steps = min(shrink(stage.warmup_steps, 0), stage.steps)
-        stage.eval_every = shrink(stage.eval_every)
-        stage.checkpoint_every = shrink(stage.checkpoint_every)
+        stage.steps = shrink(stage.steps, factor)
+        stage.warmup_steps = min(shrink(stage.warmup_steps, factor, 0), stage.steps)
+        stage.eval_every = shrink(stage.eval_every, factor)
+        stage.checkpoint_every = shrink(stage.checkpoint_every, factor)
     c = out.codebook
+    factor = stage_scales(scale)[1]
     if c.freeze_base_steps:
-        c.freeze_base_steps = min(shrink(c.freeze_base_steps), c.steps - 1)
+        c.freeze_base_steps = min(shrink(c.freeze_base_steps, factor), c.steps - 1)
         if c.freeze_base_steps < 1:  # too few steps to split: the network trains along
             c.freeze_base_steps = 0
     if c.revive_after_steps is not None:
-        c.revive_after_steps = shrink(c.revive_after_steps)
+        c.revive_after_steps = shrink(c.revive_after_steps, factor)
     return out
+
+
+def fitting_scale(seconds: Callable[[float], float], available: float) -> float:
+    """The largest budget factor, to a thousandth, whose predicted ``seconds(scale)``
+    (increasing in ``scale``) is at most ``available`` (0 when none is)."""
+    low, high = 0, 1000  # in thousandths
+    while low < high:
+        mid = (low + high + 1) // 2
+        if seconds(mid / 1000) <= available:
+            low = mid
+        else:
+            high = mid - 1
+    return low / 1000
 
 
 def fit_budget(
@@ -226,7 +257,9 @@ def fit_budget(
     available = 60.0 * cfg.budget_minutes - spent_seconds
     scale = 1.0
     if full > available:
-        scale = math.floor(1000 * max(0.0, (available - fixed) / (full - fixed))) / 1000
+        scale = fitting_scale(
+            lambda s: predicted_seconds(cfg, step, sample, prompts, topics, s), available
+        )
         if scale < MIN_SCALE:
             raise ConfigError(
                 f"budget_minutes={cfg.budget_minutes:g} leaves too little time to train on "
@@ -242,7 +275,8 @@ def fit_budget(
         + (
             ""
             if scale >= 1.0
-            else f", so every training stage runs {100 * scale:.1f}% of its steps to fit "
+            else f", so the base runs {100 * scale:.1f}% of its steps and the codebook stage "
+            f"{100 * budget.codebook_scale:.1f}% to fit "
             f"{cfg.budget_minutes:g} min (budget_minutes=null: full size)"
         )
     )

@@ -57,8 +57,10 @@ METRIC_KEYS = {
     "steer.<topic>.calibration_share": "select: calibrated: the chosen prefix's share on "
     "topic on the held-out samples (absent when no prefix was within steer.max_cost)",
     "steer.<topic>.calibration_cost": "its fluency cost on the held-out samples (nats)",
-    "budget.scale": "the factor every training stage's steps were scaled by to fit "
-    "budget_minutes on this machine (1: full size; absent without a budget)",
+    "budget.scale": "the factor the base's steps were scaled by to fit budget_minutes on "
+    "this machine (1: full size; absent without a budget)",
+    "budget.codebook_scale": "the factor the codebook (and control) stage's steps were "
+    "scaled by: the square root of budget.scale",
     "budget.step_seconds": "one base training step on this machine, as timed for the budget",
     "budget.sample_seconds": "one prompt's steering samples on this machine, as timed",
     "budget.predicted_minutes": "the run at full size, as the budget's cost model predicted",

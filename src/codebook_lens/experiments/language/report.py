@@ -301,8 +301,9 @@ def lm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
         parts.append(
             f"<p>Budget: {cfg.budget_minutes:g} minutes. A base training step took "
             f"{m['budget.step_seconds']:.2f} s on this machine; the run at full size was "
-            f"predicted to take {m['budget.predicted_minutes']:.0f} min, so every training "
-            f"stage ran {_pct(m['budget.scale'])} of its steps.</p>"
+            f"predicted to take {m['budget.predicted_minutes']:.0f} min, so the base ran "
+            f"{_pct(m['budget.scale'])} of its steps and the codebook stage "
+            f"{_pct(m['budget.codebook_scale'])} of its own.</p>"
         )
     parts.append(
         html_table(

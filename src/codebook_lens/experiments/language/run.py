@@ -395,7 +395,8 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
     for key, value in steering_summary(results).items():
         metrics[f"steer.{key}"] = value
     if budget is not None:
-        for key in ("scale", "step_seconds", "sample_seconds", "predicted_minutes"):
+        keys = ("scale", "codebook_scale", "step_seconds", "sample_seconds", "predicted_minutes")
+        for key in keys:
             metrics[f"budget.{key}"] = getattr(budget, key)
     seconds["steer"] = time.perf_counter() - t0
     for name, value in seconds.items():
