@@ -22,6 +22,8 @@ from codebook_lens.experiments.language.measures import topic_share
 from codebook_lens.experiments.language.metrics import METRIC_KEYS
 from codebook_lens.experiments.language.run import _fingerprint, _stamped, run
 from codebook_lens.experiments.language.steer import (
+    CalibrationPoint,
+    bisect_prefixes,
     calibrated_codes,
     path_points,
     sample_blocks,
@@ -217,6 +219,16 @@ def test_calibrated_selection_keeps_the_best_prefix_within_budget(files):
     within = [p for p in tried if p.cost <= s.max_cost]
     best = max(within, key=lambda p: (p.share, -p.cost))
     assert codes == path.codes[: best.codes]
+    # the bisection: the same path, its prefixes chosen by the measured costs (a replay
+    # with the points it sampled gives the same sequence), the kept one as above
+    bisect = load_lm_config("tiny", [*overrides, *more, "steer.calibration_search=bisect"])
+    codes, tried = calibrated_codes(model, codec, cache, prompts, boats, bisect.steer, held_out)
+    by_index = {p.codes - 1: p for p in tried}
+    replay = bisect_prefixes([f.cost for f in path.path], 3, s.max_cost, by_index.__getitem__)
+    assert replay == tried and 1 <= len(tried) <= 3
+    within = [p for p in tried if p.cost <= s.max_cost]
+    if within:
+        assert codes == path.codes[: max(within, key=lambda p: (p.share, -p.cost)).codes]
     # no point within budget: nothing is forced
     strict = load_lm_config("tiny", [*overrides, *more, "steer.max_cost=1e-12"])
     if all(p.cost > 1e-12 for p in tried):
@@ -241,6 +253,34 @@ def mean_loss(model, codec, prompts, texts) -> float:
                 total -= float(logp[len(head) + j - 1, token])
                 count += 1
     return total / max(count, 1)
+
+
+def _point(i: int, cost: float) -> CalibrationPoint:
+    return CalibrationPoint(
+        codes=i + 1, predicted_cost=0.0, predicted_rate=0.0, share=0.0, cost=cost
+    )
+
+
+def test_bisect_prefixes_by_hand():
+    predicted = [0.1, 0.3, 0.5, 0.45, 0.9, 1.7, 2.0, 2.2]
+    # measured costs below the predicted ones: the first sample is the longest prefix
+    # predicted within 0.8 (index 3), then the search halves (3, 8): 5 is within, then
+    # (5, 8): 6 is over, and nothing is left between 5 and 6
+    lower = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.85, 1.2]
+    tried = bisect_prefixes(predicted, 4, 0.8, lambda i: _point(i, lower[i]))
+    assert [p.codes - 1 for p in tried] == [3, 5, 6]
+    assert [
+        p.codes - 1 for p in bisect_prefixes(predicted, 2, 0.8, lambda i: _point(i, lower[i]))
+    ] == [3, 5]
+    # measured costs three times the predicted: 3 is over, then (-1, 3): 1 is over
+    # (0.9), then (-1, 1): 0 is within (0.3)
+    higher = [3 * c for c in predicted]
+    tried = bisect_prefixes(predicted, 4, 0.8, lambda i: _point(i, higher[i]))
+    assert [p.codes - 1 for p in tried] == [3, 1, 0]
+    # no prefix predicted within the budget: the search starts at the first
+    tried = bisect_prefixes([1.0, 2.0], 1, 0.5, lambda i: _point(i, 0.1))
+    assert [p.codes - 1 for p in tried] == [0]
+    assert bisect_prefixes([], 3, 0.5, lambda i: pytest.fail("sampled")) == []
 
 
 def test_path_points_by_hand():

@@ -12,7 +12,12 @@ from helpers import save_tiny_bpe_codebook_model, tiny_cache
 from codebook_lens.analysis.search import SearchError
 from codebook_lens.analysis.topics import topic_token_ids
 from codebook_lens.steering.intervene import Intervention, apply_intervention
-from codebook_lens.steering.topic_codes import forced_log_probs, forcing_of, measured_topic_codes
+from codebook_lens.steering.topic_codes import (
+    Forcing,
+    forced_log_probs,
+    forcing_of,
+    measured_topic_codes,
+)
 
 WORDS = ["boat", "apple", "tree"]
 
@@ -97,3 +102,52 @@ def test_measured_topic_codes_stop_at_the_target(cache):
     assert found.before.topic_rate >= rate and found.codes == []
     with pytest.raises(SearchError, match="target_rate"):
         measured_topic_codes(cache, WORDS, target_rate=1.5)
+
+
+def test_the_two_objectives_by_hand():
+    # one position where a topic word could follow (rate 0.1) and one where none could
+    # (1e-6): the mean log and the log of the mean weigh them differently
+    f = Forcing(
+        topic_rate=(0.1 + 1e-6) / 2, topic_log_prob=(math.log(0.1) + math.log(1e-6)) / 2, cost=0.0
+    )
+    assert f.score("log_prob") == pytest.approx((math.log(0.1) + math.log(1e-6)) / 2)
+    assert f.score("rate") == pytest.approx(math.log((0.1 + 1e-6) / 2))
+    # raising the impossible position tenfold: the same gain in mean log as raising the
+    # likely one tenfold would be, but next to nothing in rate
+    g = Forcing((0.1 + 1e-5) / 2, (math.log(0.1) + math.log(1e-5)) / 2, 0.0)
+    h = Forcing((1.0 + 1e-6) / 2, (math.log(1.0) + math.log(1e-6)) / 2, 0.0)
+    assert g.score("log_prob") - f.score("log_prob") == pytest.approx(math.log(10) / 2)
+    assert h.score("log_prob") - f.score("log_prob") == pytest.approx(math.log(10) / 2)
+    assert g.score("rate") - f.score("rate") == pytest.approx(math.log(1 + 9e-6 / 0.100001))
+    assert h.score("rate") - f.score("rate") == pytest.approx(math.log(1.000001 / 0.100001))
+
+
+def test_measured_topic_codes_by_rate(cache):
+    model = cache.model().model
+    found = measured_topic_codes(
+        cache,
+        WORDS,
+        candidates_per_group=3,
+        target_rate=0.5,
+        max_cost=0.5,
+        blocks=2,
+        min_count=2,
+        objective="rate",
+    )
+    assert found.codes
+    ids = topic_token_ids(cache.model().codec, WORDS)
+    tokens = np.asarray(cache.token_ids, dtype=np.int64)
+    held = torch.from_numpy(tokens[tokens.size - 64 :].copy()).view(2, 32)
+    plain = forced_log_probs(model, held, [])
+    # every candidate's gain is the log of its rate alone over the rate unforced
+    for cand in found.candidates:
+        alone = forcing_of(forced_log_probs(model, held, [cand["code"]]), plain, ids)
+        expected = math.log(alone.topic_rate / found.before.topic_rate)
+        assert cand["gain"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    # each step of the path raises the mean topic probability within the cost
+    previous = found.before.topic_rate
+    for step in found.path:
+        assert step.topic_rate > previous and step.cost <= 0.5 + 1e-9
+        previous = step.topic_rate
+    with pytest.raises(SearchError, match="objective"):
+        measured_topic_codes(cache, WORDS, objective="share")

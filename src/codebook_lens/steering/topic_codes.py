@@ -15,15 +15,22 @@ does to the next-token distribution at every position:
   fluency measure of the steering protocol) costs this much per token, to first order
   (the contexts themselves stay the unforced text).
 
-It forces each candidate alone, then adds candidates in order of gain (in the mean log
-topic probability) per fluency cost, measuring the set forced together after each
-addition, until the topic rate reaches ``target_rate`` or the cost would pass
-``max_cost``. The set after each addition is kept (:attr:`TopicCodes.path`), so a caller
+It forces each candidate alone, then adds candidates in order of gain per fluency cost,
+measuring the set forced together after each addition, until the topic rate reaches
+``target_rate`` or the cost would pass ``max_cost``. The gain is measured by the
+``objective``: ``log_prob``, the mean log topic probability over the positions, or
+``rate``, the log of the mean topic probability. They differ where a code acts: the mean
+log rewards raising the topic from one in a million to one in a hundred thousand where
+no topic word could follow as much as from 1% to 10% where one could, while a sample
+mentions the topic where the probability is large (to first order a sample of ``n``
+tokens is on topic with probability ``1 - exp(-n * rate)``), which is what ``rate``
+scores. The set after each addition is kept (:attr:`TopicCodes.path`), so a caller
 can choose a shorter prefix of the path by what it measures otherwise (e.g. on samples).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +52,15 @@ class Forcing:
     topic_rate: float  # mean probability that the next token starts a topic word
     topic_log_prob: float  # mean log of that probability
     cost: float  # expected fluency cost per token against the unforced model (nats)
+
+    def score(self, objective: str) -> float:
+        """What the greedy search raises (see the module docstring)."""
+        if objective == "log_prob":
+            return self.topic_log_prob
+        return math.log(max(self.topic_rate, 1e-30))
+
+
+OBJECTIVES = ("log_prob", "rate")
 
 
 @torch.no_grad()
@@ -110,6 +126,7 @@ def measured_topic_codes(
     max_frequency: float = 0.05,
     mode: str = "replace_last",
     strength: float = 1.0,
+    objective: str = "log_prob",
 ) -> TopicCodes:
     """The codes to force for the topic of ``words`` (see the module docstring).
 
@@ -124,6 +141,8 @@ def measured_topic_codes(
         raise SearchError(f"target_rate must be in (0, 1), got {target_rate}")
     if not max_cost > 0:
         raise SearchError(f"max_cost must be > 0, got {max_cost}")
+    if objective not in OBJECTIVES:
+        raise SearchError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     loaded = cache.model()
     model = loaded.model
     ids = topic_token_ids(loaded.codec, words)
@@ -163,7 +182,7 @@ def measured_topic_codes(
     scored = []
     for ref in candidates:
         alone = measure([ref])
-        gain = alone.topic_log_prob - before.topic_log_prob
+        gain = alone.score(objective) - before.score(objective)
         if gain > 0:
             scored.append({"code": ref, "gain": gain, "cost": alone.cost})
     scored.sort(key=lambda c: -c["gain"] / max(c["cost"], 1e-3))
@@ -181,7 +200,7 @@ def measured_topic_codes(
         if per_group.get(key, 0) >= limit:
             continue
         trial = measure([*chosen, ref])
-        if trial.cost > max_cost or trial.topic_log_prob <= after.topic_log_prob:
+        if trial.cost > max_cost or trial.score(objective) <= after.score(objective):
             continue
         chosen.append(ref)
         path.append(trial)

@@ -20,7 +20,7 @@ share on topic within the fluency budget, as measured on those samples, is kept.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -113,6 +113,7 @@ def measured_path(
             max_frequency=cfg.max_frequency,
             mode=cfg.mode,
             strength=cfg.strength,
+            objective=cfg.objective,
         )
     except SearchError:
         return None
@@ -187,6 +188,34 @@ def path_points(costs: Sequence[float], points: int, limit: float) -> list[int]:
     return chosen
 
 
+def bisect_prefixes(
+    costs: Sequence[float],
+    points: int,
+    max_cost: float,
+    sample: Callable[[int], CalibrationPoint],
+) -> list[CalibrationPoint]:
+    """Up to ``points`` prefixes of a path sampled (``sample(i)``: the prefix ending at
+    index ``i``) in search of the longest one whose measured cost is at most
+    ``max_cost``. The first is the longest prefix predicted within it (``costs``, the
+    path's predicted costs; the first prefix when none is); then each next prefix halves
+    the stretch between the longest one measured within the budget (or none) and the
+    shortest one measured over it (or the path's end). The predicted costs place the
+    first sample; the measured ones steer the search, so a path whose prediction errs
+    either way is still searched where its measured cost crosses the budget."""
+    within, over = -1, len(costs)  # longest index measured within, shortest over
+    guess = max((i for i, c in enumerate(costs) if c <= max_cost), default=0)
+    tried: list[CalibrationPoint] = []
+    while len(tried) < points and over - within > 1:
+        i = guess if not tried else (within + over) // 2
+        point = sample(i)
+        tried.append(point)
+        if point.cost <= max_cost:
+            within = i
+        else:
+            over = i
+    return tried
+
+
 @dataclass
 class CalibrationPoint:
     """One prefix of a topic's measured path, sampled from the held-out seeds."""
@@ -213,7 +242,9 @@ def calibrated_codes(
     """The codes forced for ``topic`` under ``select: calibrated``, and the prefixes
     tried. The measured path (:func:`measured_topic_codes` up to a predicted cost of
     ``cfg.explore_cost``, measured on the ``held_out`` samples) is sampled at up to
-    ``cfg.calibration_points`` prefixes (:func:`path_points`) from the held-out seeds;
+    ``cfg.calibration_points`` prefixes from the held-out seeds (``calibration_search``:
+    ``spread`` evenly by predicted cost, :func:`path_points`; ``bisect``, a search for
+    the longest prefix within the budget, :func:`bisect_prefixes`);
     the prefix with the largest share on topic among those whose measured fluency cost
     is at most ``cfg.max_cost`` is kept (the cheaper one on a tie). None qualifies:
     no codes."""
@@ -221,8 +252,8 @@ def calibrated_codes(
     found = measured_path(cache, topic, cfg, contexts, cfg.explore_cost)
     if found is None:
         return [], []
-    tried = []
-    for i in path_points([f.cost for f in found.path], cfg.calibration_points, cfg.explore_cost):
+
+    def sample(i: int) -> CalibrationPoint:
         texts = generate(
             model,
             prompts,
@@ -233,15 +264,19 @@ def calibrated_codes(
             seed=cfg.seed + cfg.calibration_seed,
             intervention=Intervention(found.codes[: i + 1], mode=cfg.mode, strength=cfg.strength),
         )
-        tried.append(
-            CalibrationPoint(
-                codes=i + 1,
-                predicted_cost=found.path[i].cost,
-                predicted_rate=found.path[i].topic_rate,
-                share=topic_share([t for row in texts for t in row], topic.words),
-                cost=fluency_cost(_nll(model, codec, prompts, texts), held_out.nll),
-            )
+        return CalibrationPoint(
+            codes=i + 1,
+            predicted_cost=found.path[i].cost,
+            predicted_rate=found.path[i].topic_rate,
+            share=topic_share([t for row in texts for t in row], topic.words),
+            cost=fluency_cost(_nll(model, codec, prompts, texts), held_out.nll),
         )
+
+    costs = [f.cost for f in found.path]
+    if cfg.calibration_search == "bisect":
+        tried = bisect_prefixes(costs, cfg.calibration_points, cfg.max_cost, sample)
+    else:
+        tried = [sample(i) for i in path_points(costs, cfg.calibration_points, cfg.explore_cost)]
     within = [p for p in tried if p.cost <= cfg.max_cost]
     if not within:
         return [], tried
