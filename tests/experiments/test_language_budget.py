@@ -43,21 +43,21 @@ def test_predicted_seconds_by_hand():
     quality = (5 * 32 + 2 * 16) * 32 * 128
     selection = 6 * B.TOPIC_FORWARDS + 6 * 2 * 8 * 8 * (10 * 10 * 36)
     assert B.measure_forwards(cfg, 10, 6) == quality + 6 * 200_000 + selection
-    step, sample = 2.0, 0.5
+    step, forward, sample = 2.0, 0.6, 0.5
     train = 1000 + B.CODEBOOK_STEP * 200
     kmeans = B.KMEANS_STEPS  # 16,384 tokens, 2,048 codes
-    token = step / (3 * 32 * 128)
+    token = forward / (32 * 128)  # a forward pass of 32 sequences of 128 tokens
     rest = token * (quality + 6 * 200_000 + selection) + B.SAMPLE_OVERHEAD * sample * 130
     expected = step * (train + kmeans) + rest
-    assert B.predicted_seconds(cfg, step, sample, 10, 6) == pytest.approx(expected)
+    assert B.predicted_seconds(cfg, step, forward, sample, 10, 6) == pytest.approx(expected)
     # at a factor of 0.25 the base runs a quarter of its steps, the codebook stage half
     quarter = step * (0.25 * 1000 + 0.5 * B.CODEBOOK_STEP * 200 + kmeans) + rest
-    assert B.predicted_seconds(cfg, step, sample, 10, 6, scale=0.25) == pytest.approx(quarter)
+    assert B.predicted_seconds(cfg, step, forward, sample, 10, 6, scale=0.25) == pytest.approx(quarter)
     # the control stage costs its steps
     control = _cfg("steer.select=measured", "codebook.control=true")
-    got = B.predicted_seconds(control, step, sample, 10, 6)
+    got = B.predicted_seconds(control, step, forward, sample, 10, 6)
     assert got == pytest.approx(expected + step * B.CONTROL_STEP * 200)
-    got = B.predicted_seconds(control, step, sample, 10, 6, scale=0.25)
+    got = B.predicted_seconds(control, step, forward, sample, 10, 6, scale=0.25)
     assert got == pytest.approx(quarter + 0.5 * step * B.CONTROL_STEP * 200)
     # a calibrated selection: 4 points of 5 samples per prompt (half of
     # samples_per_prompt = 10) per topic plus the held-out unsteered ones; its path is
@@ -95,12 +95,12 @@ def test_fit_budget_scales_to_the_budget_and_a_rerun_reuses_the_factor(tmp_path)
 
     def measure():
         calls.append(1)
-        return 2.0, 0.5
+        return 2.0, 0.6, 0.5
 
     logged: list[str] = []
     fitted, budget = B.fit_budget(cfg, tmp_path, measure, 10, 6, 60.0, logged.append)
-    full = B.predicted_seconds(cfg, 2.0, 0.5, 10, 6)
-    fixed = B.predicted_seconds(cfg, 2.0, 0.5, 10, 6, scale=0.0)
+    full = B.predicted_seconds(cfg, 2.0, 0.6, 0.5, 10, 6)
+    fixed = B.predicted_seconds(cfg, 2.0, 0.6, 0.5, 10, 6, scale=0.0)
     # by hand: with u = sqrt(s) the scaled run takes fixed + 2 (1000 u^2 + 360 u) seconds,
     # the budget leaves 50 * 60 - 60; the positive root of the quadratic
     a, b, c = 2.0 * 1000, 2.0 * B.CODEBOOK_STEP * 200, fixed - (50 * 60 - 60)
@@ -108,8 +108,9 @@ def test_fit_budget_scales_to_the_budget_and_a_rerun_reuses_the_factor(tmp_path)
     assert budget.scale == pytest.approx(root**2, abs=1e-3) and budget.scale <= root**2
     assert budget.predicted_minutes == pytest.approx((full + 60) / 60)
     # the scaled run is predicted to fit the budget, a thousandth more would not
-    assert B.predicted_seconds(cfg, 2.0, 0.5, 10, 6, budget.scale) + 60 <= 50 * 60
-    assert B.predicted_seconds(cfg, 2.0, 0.5, 10, 6, budget.scale + 1e-3) + 60 > 50 * 60
+    assert B.predicted_seconds(cfg, 2.0, 0.6, 0.5, 10, 6, budget.scale) + 60 <= 50 * 60
+    assert B.predicted_seconds(cfg, 2.0, 0.6, 0.5, 10, 6, budget.scale + 1e-3) + 60 > 50 * 60
+    assert budget.forward_seconds == 0.6
     assert fitted.base.steps == round(1000 * budget.scale)
     assert fitted.codebook.steps == round(200 * budget.scale**0.5)
     assert "runs" in logged[-1] and calls == [1]
@@ -126,7 +127,7 @@ def test_fit_budget_scales_to_the_budget_and_a_rerun_reuses_the_factor(tmp_path)
 def test_fit_budget_without_a_budget_or_with_room_to_spare(tmp_path):
     cfg = _cfg()
     assert cfg.budget_minutes == 50  # the cpu preset's
-    roomy, budget = B.fit_budget(cfg, tmp_path, lambda: (0.01, 0.01), 10, 6, 0.0, print)
+    roomy, budget = B.fit_budget(cfg, tmp_path, lambda: (0.01, 0.01, 0.01), 10, 6, 0.0, print)
     assert budget.scale == 1.0 and roomy.base.steps == 1000
     off = _cfg("budget_minutes=null")
     same, none = B.fit_budget(off, tmp_path, lambda: pytest.fail("timed"), 10, 6, 0.0, print)
@@ -136,7 +137,7 @@ def test_fit_budget_without_a_budget_or_with_room_to_spare(tmp_path):
 def test_fit_budget_refuses_a_budget_that_leaves_no_training(tmp_path):
     cfg = _cfg("budget_minutes=1")
     with pytest.raises(ConfigError, match="budget_minutes=1 leaves too little time"):
-        B.fit_budget(cfg, tmp_path, lambda: (2.0, 0.5), 10, 6, 0.0, print)
+        B.fit_budget(cfg, tmp_path, lambda: (2.0, 0.6, 0.5), 10, 6, 0.0, print)
     with pytest.raises(ConfigError, match="budget_minutes"):
         _cfg("budget_minutes=0")
 
@@ -148,6 +149,9 @@ def test_timing_leaves_the_network_as_it_was():
     assert seconds > 0
     after = net.state_dict()
     assert all((before[k] == after[k]).all() for k in before)
+    net.train()
+    assert B.time_forward(net, net.config.vocab_size, 2, 8, passes=1) > 0
+    assert net.training  # left as it was
 
 
 def test_the_summary_names_the_cpu_and_a_scaled_budget(capsys, tmp_path):

@@ -3,8 +3,8 @@
 CPUs of one kind of machine differ by a factor of about three on this workload (a
 2-core AMD EPYC with AVX-512 trained the cpu preset's base at 9,300 tokens/s, one with
 AVX2 only at 3,400). A preset with ``budget_minutes`` set is sized for a fast machine;
-before training, :func:`fit_budget` times the base network's training step and the
-sampling of one prompt on this machine, predicts the whole run with the cost model
+before training, :func:`fit_budget` times the base network's training step, its
+forward pass and the sampling of one prompt on this machine, predicts the whole run with the cost model
 below, and when the prediction passes the budget scales the training stages' steps (and their
 warm-up, freeze, eval and checkpoint cadences): the base's by a factor ``s`` and the
 codebook stage's (and the control's) by ``sqrt(s)``, the largest ``s`` that fits
@@ -18,8 +18,9 @@ Cost model. Training, in base training steps of the timed batch: a codebook-stag
 step costs :data:`CODEBOOK_STEP` base steps of its batch (the codebooks and the
 teacher's forward pass), a control step :data:`CONTROL_STEP`, the k-means
 initialisation :data:`KMEANS_STEPS` (at 16,384 tokens and 2,048 codes, in proportion
-to both). Measurements, in forward passes of one token (a third of a training step's
-time per token): the quality batches through :data:`QUALITY_PASSES` models (the
+to both). Measurements, in forward passes of one token (timed: a forward pass without
+gradients of :data:`FORWARD_ROWS` sequences, divided by its tokens; about a third of a
+training step's time per token, the unit the constants were fitted in): the quality batches through :data:`QUALITY_PASSES` models (the
 ablation batches through two), every cached token :data:`CACHE_PASSES` times (the cache
 and the regexes' two passes over it, codes and neurons), and per topic
 :data:`TOPIC_FORWARDS` (first-order effects over the cache, topic rates, scoring) plus
@@ -56,6 +57,7 @@ QUALITY_PASSES = 5
 CACHE_PASSES = 6
 TOPIC_FORWARDS = 330_000
 SAMPLE_OVERHEAD = 1.5
+FORWARD_ROWS = 32  # the block whose forward pass is timed: 32 sequences
 MIN_SCALE = 0.05  # below this share of its steps a stage trains too little to measure
 
 
@@ -68,6 +70,7 @@ class Budget:
     sample_seconds: float  # one prompt's samples (samples_per_prompt x max_new_tokens)
     predicted_minutes: float  # the run at full size, predicted
     scale: float  # the factor applied to the base's steps (1: full size)
+    forward_seconds: float | None = None  # a forward pass of FORWARD_ROWS sequences
 
     @property
     def codebook_scale(self) -> float:
@@ -106,6 +109,25 @@ def time_base_step(
     net.load_state_dict(state)
     net.eval()
     return seconds
+
+
+@torch.no_grad()
+def time_forward(
+    net: torch.nn.Module, vocab: int, rows: int, seq_len: int, passes: int = 4, warmup: int = 1
+) -> float:
+    """Seconds per forward pass without gradients of ``net`` on ``rows`` random
+    sequences of ``seq_len`` tokens, after ``warmup`` untimed passes."""
+    was_training = net.training
+    net.eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (rows, seq_len), generator=gen)
+    t0 = time.perf_counter()
+    for i in range(warmup + passes):
+        if i == warmup:
+            t0 = time.perf_counter()
+        net(x)
+    net.train(was_training)
+    return (time.perf_counter() - t0) / passes
 
 
 def time_sampling(net, codec, prompt: str, samples: int, max_new_tokens: int) -> float:
@@ -158,11 +180,18 @@ def timed_batch(cfg: LMExperimentConfig) -> int:
 
 
 def predicted_seconds(
-    cfg: LMExperimentConfig, step: float, sample: float, prompts: int, topics: int, scale=1.0
+    cfg: LMExperimentConfig,
+    step: float,
+    forward: float,
+    sample: float,
+    prompts: int,
+    topics: int,
+    scale=1.0,
 ) -> float:
     """The run's seconds after the tokenizer, by the cost model, with its training steps
     scaled for the budget factor ``scale`` (:func:`stage_scales`); ``step`` is one base
-    training step, ``sample`` one prompt's steering samples."""
+    training step, ``forward`` one forward pass of :data:`FORWARD_ROWS` sequences,
+    ``sample`` one prompt's steering samples."""
     c = cfg.codebook
     batch = timed_batch(cfg)
     base_scale, codebook_scale = stage_scales(scale)
@@ -175,7 +204,7 @@ def predicted_seconds(
         kmeans = (
             KMEANS_STEPS * c.kmeans_tokens / 16384 * max(c.num_codes(x) for x in c.sites) / 2048
         )
-    token = step / (3 * batch * cfg.data.seq_len)
+    token = forward / (FORWARD_ROWS * cfg.data.seq_len)
     forwards = token * measure_forwards(cfg, prompts, topics)
     steer = SAMPLE_OVERHEAD * sample * sampling_batches(cfg, prompts, topics)
     return step * (train + kmeans) + forwards + steer
@@ -234,8 +263,9 @@ def fit_budget(
 ) -> tuple[LMExperimentConfig, Budget | None]:
     """``cfg`` fitted to ``cfg.budget_minutes`` (see the module docstring), and what was
     measured; ``cfg`` as it is without a budget. ``measure()`` returns the seconds of one
-    base training step and of one prompt's samples on this machine (e.g. from
-    :func:`time_base_step` and :func:`time_sampling`; not called when ``budget.json``
+    base training step, of one forward pass of :data:`FORWARD_ROWS` sequences and of one
+    prompt's samples on this machine (:func:`time_base_step`, :func:`time_forward` and
+    :func:`time_sampling`; not called when ``budget.json``
     holds the factor of a run with the same settings); ``spent_seconds`` is the time the
     run has spent already (tokenizer and data)."""
     if cfg.budget_minutes is None:
@@ -245,20 +275,20 @@ def fit_budget(
     if stamp.exists():
         saved = json.loads(stamp.read_text())
         if saved.get("config") == unscaled:
-            budget = Budget(**saved["budget"])
+            budget = Budget(**saved["budget"])  # runs before forward timing: None
             log(
                 f"budget: reusing the factor {budget.scale:.3f} measured for this run "
                 f"(predicted {budget.predicted_minutes:.1f} min at full size)"
             )
             return scaled(cfg, budget.scale), budget
-    step, sample = measure()
-    full = predicted_seconds(cfg, step, sample, prompts, topics)
-    fixed = predicted_seconds(cfg, step, sample, prompts, topics, scale=0.0)
+    step, forward, sample = measure()
+    full = predicted_seconds(cfg, step, forward, sample, prompts, topics)
+    fixed = predicted_seconds(cfg, step, forward, sample, prompts, topics, scale=0.0)
     available = 60.0 * cfg.budget_minutes - spent_seconds
     scale = 1.0
     if full > available:
         scale = fitting_scale(
-            lambda s: predicted_seconds(cfg, step, sample, prompts, topics, s), available
+            lambda s: predicted_seconds(cfg, step, forward, sample, prompts, topics, s), available
         )
         if scale < MIN_SCALE:
             raise ConfigError(
@@ -267,10 +297,11 @@ def fit_budget(
                 f"{(full + spent_seconds) / 60:.0f} min, its measurements alone "
                 f"{(fixed + spent_seconds) / 60:.0f} min (budget_minutes=null: no budget)"
             )
-    budget = Budget(cfg.budget_minutes, step, sample, (full + spent_seconds) / 60.0, scale)
+    budget = Budget(cfg.budget_minutes, step, sample, (full + spent_seconds) / 60.0, scale, forward)
     stamp.write_text(json.dumps({"config": unscaled, "budget": budget.to_dict()}, indent=2))
     log(
-        f"budget: a base step takes {step:.2f} s here, one prompt's samples {sample:.2f} s; "
+        f"budget: a base step takes {step:.2f} s here, a forward pass of {FORWARD_ROWS} "
+        f"sequences {forward:.2f} s, one prompt's samples {sample:.2f} s; "
         f"the run at full size is predicted to take {budget.predicted_minutes:.0f} min"
         + (
             ""

@@ -62,6 +62,8 @@ METRIC_KEYS = {
     "budget.codebook_scale": "the factor the codebook (and control) stage's steps were "
     "scaled by: the square root of budget.scale",
     "budget.step_seconds": "one base training step on this machine, as timed for the budget",
+    "budget.forward_seconds": "a forward pass of 32 sequences on this machine, as timed (the "
+    "measurements' cost per token)",
     "budget.sample_seconds": "one prompt's steering samples on this machine, as timed",
     "budget.predicted_minutes": "the run at full size, as the budget's cost model predicted",
     "seconds.<stage>": "wall-clock time of each stage (tokenizer, base, codebook, control, "

@@ -41,8 +41,10 @@ from codebook_lens.data.documents import Blocks, iter_documents, tokenize_docume
 from codebook_lens.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from codebook_lens.experiments.language import evaluate as E
 from codebook_lens.experiments.language.budget import (
+    FORWARD_ROWS,
     fit_budget,
     time_base_step,
+    time_forward,
     time_sampling,
     timed_batch,
 )
@@ -260,10 +262,11 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
     data = token_data(cfg, tokenizer)
     seconds["tokenizer"] = time.perf_counter() - t0
 
-    def measure() -> tuple[float, float]:
+    def measure() -> tuple[float, float, float]:
         log(f"budget: timing training and sampling to fit {cfg.budget_minutes:g} minutes")
         net = build_base(cfg, tokenizer, cfg.base.seed)
         step = time_base_step(net, len(tokenizer), timed_batch(cfg), cfg.data.seq_len)
+        forward = time_forward(net, len(tokenizer), FORWARD_ROWS, cfg.data.seq_len)
         wrapped = CodebookModel(net, CodebookModelConfig([])).eval()
         try:
             s = cfg.steer
@@ -272,7 +275,7 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
             )
         finally:
             wrapped.remove_hooks()
-        return step, sample
+        return step, forward, sample
 
     requested = cfg
     cfg, budget = fit_budget(
@@ -395,7 +398,14 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
     for key, value in steering_summary(results).items():
         metrics[f"steer.{key}"] = value
     if budget is not None:
-        keys = ("scale", "codebook_scale", "step_seconds", "sample_seconds", "predicted_minutes")
+        keys = (
+            "scale",
+            "codebook_scale",
+            "step_seconds",
+            "forward_seconds",
+            "sample_seconds",
+            "predicted_minutes",
+        )
         for key in keys:
             metrics[f"budget.{key}"] = getattr(budget, key)
     seconds["steer"] = time.perf_counter() - t0
