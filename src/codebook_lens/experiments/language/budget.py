@@ -87,6 +87,21 @@ def stage_scales(scale: float) -> tuple[float, float]:
     return scale, math.sqrt(scale)
 
 
+def random_tokens(vocab: int, rows: int, seq_len: int) -> torch.Tensor:
+    """``rows`` sequences of ``seq_len`` token ids drawn with a fixed seed."""
+    return torch.randint(0, vocab, (rows, seq_len), generator=torch.Generator().manual_seed(0))
+
+
+def seconds_per_call(fn: Callable[[], object], calls: int, warmup: int) -> float:
+    """Mean seconds of ``calls`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
 def time_base_step(
     net: torch.nn.Module, vocab: int, batch: int, seq_len: int, steps: int = 4, warmup: int = 2
 ) -> float:
@@ -96,16 +111,14 @@ def time_base_step(
     state = copy.deepcopy(net.state_dict())
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab, (batch, seq_len), generator=gen)
-    t0 = time.perf_counter()
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
+    x = random_tokens(vocab, batch, seq_len)
+
+    def step() -> None:
         net(x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    seconds = (time.perf_counter() - t0) / steps
+
+    seconds = seconds_per_call(step, steps, warmup)
     net.load_state_dict(state)
     net.eval()
     return seconds
@@ -119,15 +132,10 @@ def time_forward(
     sequences of ``seq_len`` tokens, after ``warmup`` untimed passes."""
     was_training = net.training
     net.eval()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab, (rows, seq_len), generator=gen)
-    t0 = time.perf_counter()
-    for i in range(warmup + passes):
-        if i == warmup:
-            t0 = time.perf_counter()
-        net(x)
+    x = random_tokens(vocab, rows, seq_len)
+    seconds = seconds_per_call(lambda: net(x), passes, warmup)
     net.train(was_training)
-    return (time.perf_counter() - t0) / passes
+    return seconds
 
 
 def time_sampling(net, codec, prompt: str, samples: int, max_new_tokens: int) -> float:
