@@ -4,9 +4,10 @@ CPUs of one kind of machine differ by a factor of about three on this workload (
 2-core AMD EPYC with AVX-512 trained the cpu preset's base at 9,300 tokens/s, one with
 AVX2 only at 3,400). A preset with ``budget_minutes`` set is sized for a fast machine;
 before training, :func:`fit_budget` times the base network's training step, its
-forward pass and the sampling of one prompt on this machine, predicts the whole run with the cost model
-below, and when the prediction passes the budget scales the training stages' steps (and their
-warm-up, freeze, eval and checkpoint cadences): the base's by a factor ``s`` and the
+forward pass and the sampling of one prompt on this machine, predicts the whole run
+with the cost model below, and when the prediction passes the budget scales the
+training stages' steps (and their warm-up, freeze, eval and checkpoint cadences): the
+base's by a factor ``s`` and the
 codebook stage's (and the control's) by ``sqrt(s)``, the largest ``s`` that fits
 (:func:`stage_scales`). The codebook stage shrinks less because it makes what the
 experiment compares, the codebook model against its base: a shorter base is a weaker
@@ -20,13 +21,13 @@ teacher's forward pass), a control step :data:`CONTROL_STEP`, the k-means
 initialisation :data:`KMEANS_STEPS` (at 16,384 tokens and 2,048 codes, in proportion
 to both). Measurements, in forward passes of one token (timed: a forward pass without
 gradients of :data:`FORWARD_ROWS` sequences, divided by its tokens; about a third of a
-training step's time per token, the unit the constants were fitted in): the quality batches through :data:`QUALITY_PASSES` models (the
-ablation batches through two), every cached token :data:`CACHE_PASSES` times (the cache
-and the regexes' two passes over it, codes and neurons), and per topic
-:data:`TOPIC_FORWARDS` (first-order effects over the cache, topic rates, scoring) plus
-every candidate code twice over the measuring contexts (alone and on the greedy path)
-for a selection that measures them; steering's
-sampling costs :data:`SAMPLE_OVERHEAD` times its timed sampling (the samples are scored
+training step's time per token, the unit the constants were fitted in): the quality
+batches through :data:`QUALITY_PASSES` models (the ablation batches through two),
+every cached token :data:`CACHE_PASSES` times (the cache and the regexes' two passes
+over it, codes and neurons), and per topic :data:`TOPIC_FORWARDS` (first-order effects
+over the cache, topic rates, scoring) plus every candidate code twice over the
+measuring contexts (alone and on the greedy path) for a selection that measures them;
+steering's sampling costs :data:`SAMPLE_OVERHEAD` times its timed sampling (the samples are scored
 too). The constants were fitted to the cpu preset's stage times on the AVX-512 machine
 (docs/results/language.md) and checked against the same run on an AVX2 machine.
 
@@ -225,11 +226,12 @@ def scaled(cfg: LMExperimentConfig, scale: float) -> LMExperimentConfig:
     if scale >= 1.0:
         return cfg
     out = copy.deepcopy(cfg)
+    base_factor, codebook_factor = stage_scales(scale)
 
     def shrink(value: int, factor: float, least: int = 1) -> int:
         return max(least, int(round(value * factor)))
 
-    for stage, factor in zip((out.base, out.codebook), stage_scales(scale), strict=True):
+    for stage, factor in ((out.base, base_factor), (out.codebook, codebook_factor)):
         if stage.steps == 0:
             continue
         stage.steps = shrink(stage.steps, factor)
@@ -237,13 +239,12 @@ def scaled(cfg: LMExperimentConfig, scale: float) -> LMExperimentConfig:
         stage.eval_every = shrink(stage.eval_every, factor)
         stage.checkpoint_every = shrink(stage.checkpoint_every, factor)
     c = out.codebook
-    factor = stage_scales(scale)[1]
     if c.freeze_base_steps:
-        c.freeze_base_steps = min(shrink(c.freeze_base_steps, factor), c.steps - 1)
+        c.freeze_base_steps = min(shrink(c.freeze_base_steps, codebook_factor), c.steps - 1)
         if c.freeze_base_steps < 1:  # too few steps to split: the network trains along
             c.freeze_base_steps = 0
     if c.revive_after_steps is not None:
-        c.revive_after_steps = shrink(c.revive_after_steps, factor)
+        c.revive_after_steps = shrink(c.revive_after_steps, codebook_factor)
     return out
 
 
