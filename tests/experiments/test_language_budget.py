@@ -35,7 +35,7 @@ def test_predicted_seconds_by_hand():
     cfg = _cfg("steer.select=measured")
     # 10 prompts, 6 topics: 10 * (1 + 2 * 6) = 130 sampling batches
     assert B.sampling_batches(cfg, 10, 6) == 130
-    # the cpu network: 2 layers of 4 heads, one codebook per head
+    # the cpu network: 1 layer of 8 heads, one codebook per head
     assert B.groups(cfg) == 8
     # forward passes, in tokens: quality (5 * 32 eval + 2 * 16 ablation batches of
     # 32 x 128), the cache six times (200,000 tokens), and per topic a fixed amount and

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,14 @@ from codebook_lens.experiments.language.config import ConfigError, load_lm_confi
 from codebook_lens.experiments.language.files import load_topics
 from codebook_lens.experiments.language.measures import topic_share
 from codebook_lens.experiments.language.metrics import METRIC_KEYS
-from codebook_lens.experiments.language.run import _fingerprint, _stamped, run
+from codebook_lens.experiments.language.run import (
+    _fingerprint,
+    _stamped,
+    base_embeddings,
+    run,
+    token_data,
+    tokenizer_stage,
+)
 from codebook_lens.experiments.language.steer import (
     CalibrationPoint,
     bisect_prefixes,
@@ -416,3 +424,30 @@ def test_a_stage_stamped_before_an_option_existed_is_still_reused(tmp_path):
     old["train"]["optim"]["lr"] = 1.0
     (stage / "stage.json").write_text(json.dumps(old))
     assert not _stamped(stage, settings, print, "codebook") and not stage.exists()
+
+
+def test_cooccurrence_embeddings_enter_the_base_and_stay_frozen(files):
+    """net.embeddings: cooccurrence sets the input embeddings of the network from the
+    training split before the base trains; no stage moves them, and the untied output
+    embeddings train."""
+    root, overrides = files
+    out = root / "cooc"
+    extra = ["net.embeddings=cooccurrence", "net.tie_embeddings=false", "net.embedding_window=3"]
+    assert main(["lm", "--preset", "tiny", "--out", str(out), *overrides, *extra]) == 0
+    cfg = load_lm_config("tiny", [*overrides, *extra])
+    for stage in ("base", "codebook", "control"):
+        assert stage_config(cfg, stage, out).optim.freeze_embeddings
+    tokenizer = tokenizer_stage(cfg, out, lambda _: None)
+    expected = base_embeddings(cfg, token_data(cfg, tokenizer), len(tokenizer), lambda _: None)
+    assert expected.shape == (len(tokenizer), cfg.net.hidden)
+    base = load_codebook_model(out / "base" / "model").model.model
+    cbm = load_codebook_model(out / "codebook" / "model").model.model
+    for net in (base, cbm):
+        assert torch.equal(net.get_input_embeddings().weight, expected)
+        assert not torch.equal(net.get_output_embeddings().weight[: len(expected)], expected)
+
+
+def test_cooccurrence_embeddings_need_a_network_from_scratch():
+    with pytest.raises(ConfigError, match="net.embeddings"):
+        load_lm_config("smollm2", ["net.embeddings=cooccurrence"])
+    assert not stage_config(load_lm_config("tiny"), "base", Path("x")).optim.freeze_embeddings

@@ -379,3 +379,17 @@ def test_trains_on_a_local_datasets_directory(tiny_dir, tmp_path, with_splits):
         make_cfg(tiny_dir, tmp_path / "run", f"data.corpus={path}", "data.text_field=body")
     )
     assert result["codebook.lm_loss"] > 0
+
+
+def test_freeze_embeddings_keeps_the_input_embeddings_through_a_thaw(tiny_dir, tmp_path):
+    """optim.freeze_embeddings: the input token embeddings never move, not even after
+    optim.freeze_base_steps thaws the rest of the network, which trains (the untied
+    output embeddings of this GPT-NeoX included)."""
+    extra = ["optim.freeze_embeddings=true", "optim.freeze_base_steps=2", "optim.lr=0.01"]
+    source = load_file(str(tiny_dir / "model" / "model.safetensors"))
+    train(make_cfg(tiny_dir, tmp_path / "run", *extra))
+    net = _network(tmp_path / "run")
+    key = "gpt_neox.embed_in.weight"
+    assert torch.equal(net[key], source[key])
+    assert not torch.equal(net["embed_out.weight"], source["embed_out.weight"])
+    assert all(not torch.equal(net[k], source[k]) for k in source if "dense" in k)

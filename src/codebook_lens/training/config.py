@@ -317,13 +317,18 @@ class OptimSection:
 
     ``freeze_base_steps``: the network stays frozen for the first steps (only the codes
     train), then trains along with the codes, with its learning rate warmed up and
-    scheduled over the remaining steps (``freeze_base`` must be false)."""
+    scheduled over the remaining steps (``freeze_base`` must be false).
+
+    ``freeze_embeddings``: the network's input token embeddings never train (nor the
+    output ones when they are tied), e.g. when they were set from co-occurrence
+    statistics before training."""
 
     lr: float = 1e-4
     codebook_lr: float = 1e-3
     weight_decay: float = 0.0
     freeze_base: bool = False
     freeze_base_steps: int = 0
+    freeze_embeddings: bool = False
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float | None = 1.0
     lm_weight: float = 1.0

@@ -1,6 +1,7 @@
 """The optimiser of the training loop, its learning-rate schedule, and which parameters
 train when: the codes (group ``codebook_lr``) and the network under them (group ``lr``),
-frozen for good (``optim.freeze_base``) or for the first ``optim.freeze_base_steps``.
+frozen for good (``optim.freeze_base``) or for the first ``optim.freeze_base_steps``,
+its input token embeddings frozen throughout with ``optim.freeze_embeddings``.
 """
 
 from __future__ import annotations
@@ -41,10 +42,28 @@ def lr_lambdas(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> list:
     return [lr_lambda(cfg, delay if g["name"] == "lr" else 0) for g in optimizer.param_groups]
 
 
-def network_params(model: CodebookModel) -> list[torch.nn.Parameter]:
-    """The parameters of the network under the codebooks."""
-    code_ids = {id(p) for p in model.codebooks.parameters()}
-    return [p for p in model.parameters() if id(p) not in code_ids]
+def embedding_params(model: CodebookModel) -> list[torch.nn.Parameter]:
+    """The network's input token embeddings (also its output ones when the two are tied)."""
+    module = model.model.get_input_embeddings()
+    return [module.weight] if module is not None else []
+
+
+def network_params(
+    model: CodebookModel, cfg: TrainConfig | None = None
+) -> list[torch.nn.Parameter]:
+    """The parameters of the network under the codebooks that may train: without the
+    token embeddings when ``cfg.optim.freeze_embeddings``."""
+    skip = {id(p) for p in model.codebooks.parameters()}
+    if cfg is not None and cfg.optim.freeze_embeddings:
+        skip |= {id(p) for p in embedding_params(model)}
+    return [p for p in model.parameters() if id(p) not in skip]
+
+
+def freeze_embeddings(model: CodebookModel, cfg: TrainConfig) -> None:
+    """With ``optim.freeze_embeddings``, the input token embeddings get no gradient."""
+    if cfg.optim.freeze_embeddings:
+        for p in embedding_params(model):
+            p.requires_grad_(False)
 
 
 def set_network_trainable(model: CodebookModel, cfg: TrainConfig, step: int) -> None:
@@ -52,7 +71,7 @@ def set_network_trainable(model: CodebookModel, cfg: TrainConfig, step: int) -> 
     ``optim.freeze_base``), train it after: frozen weights get no gradient, so the
     optimiser leaves them and their moments alone."""
     trainable = not cfg.optim.freeze_base and step >= cfg.optim.freeze_base_steps
-    for p in network_params(model):
+    for p in network_params(model, cfg):
         p.requires_grad_(trainable)
 
 
@@ -60,7 +79,8 @@ def make_optimizer(cfg: TrainConfig, model: CodebookModel) -> torch.optim.Optimi
     """AdamW over the codes (``codebook_lr``, no weight decay) and, unless it is frozen
     for good, the network (``lr``); the network starts frozen when it is to be frozen."""
     code_params = list(model.codebooks.parameters())
-    base_params = network_params(model)
+    base_params = network_params(model, cfg)
+    freeze_embeddings(model, cfg)
     if cfg.optim.freeze_base or cfg.optim.freeze_base_steps:
         set_network_trainable(model, cfg, 0)
     groups = []

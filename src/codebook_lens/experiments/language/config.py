@@ -76,7 +76,15 @@ class NetSection:
     tokenizer. A pretrained causal LM (``smollm2-135m``, the offline SmolLM2 asset, or
     the directory of any model saved with ``save_pretrained``) keeps its first
     ``layers`` decoder layers and its own tokenizer (the shape keys are then unused);
-    with ``base.steps = 0`` it is the base as it is."""
+    with ``base.steps = 0`` it is the base as it is.
+
+    ``embeddings``: the input token embeddings, ``learned`` (random, trained with the
+    network) or ``cooccurrence``: set before training from the training split's
+    co-occurrence statistics within ``embedding_window`` tokens
+    (:func:`codebook_lens.data.cooccurrence.cooccurrence_embeddings`) and frozen in every
+    stage, so that tokens of one subject enter the network near one another. With
+    ``tie_embeddings`` the output embeddings are the same frozen matrix; untied, they
+    are learned."""
 
     source: str = "scratch"
     layers: int = 2
@@ -86,6 +94,8 @@ class NetSection:
     rotary_fraction: float = 0.25
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
+    embeddings: typing.Literal["learned", "cooccurrence"] = "learned"
+    embedding_window: int = 8
 
     def __post_init__(self) -> None:
         all_finite("net", self)
@@ -97,6 +107,9 @@ class NetSection:
         ok = 0 < self.rotary_fraction <= 1
         require(ok, "net.rotary_fraction", self.rotary_fraction, "in (0, 1]")
         positive("net", self, "rope_theta")
+        at_least("net", self, 1, "embedding_window")
+        ok = self.embeddings == "learned" or self.source == "scratch"
+        require(ok, "net.embeddings", self.embeddings, "learned for a pretrained network")
 
 
 @dataclasses.dataclass
@@ -321,6 +334,9 @@ class LMExperimentConfig:
         require(ok, "codebook.layers", layers, f"below net.layers ({self.net.layers})")
 
 
+# the network of the cpu and demo presets
+NET = {"layers": 1, "heads": 8, "embeddings": "cooccurrence", "tie_embeddings": False}
+
 PRESETS: dict[str, dict] = {
     # sized for this project's 2-core CPU: at most an hour end to end. The codebook
     # stage's settings are those of the measured run r3 (docs/results/language.md):
@@ -337,9 +353,14 @@ PRESETS: dict[str, dict] = {
     # attention-only codebook model): with the MLPs quantized too the stage levelled off
     # near +0.28 to +0.30 nats over the base; on the heads alone it reached +0.09
     # (+0.092 end to end, 36 min 31 s alone; `codebook.sites=[attn_heads,mlp]` puts the
-    # MLP codebooks back)
+    # MLP codebooks back). The network: one layer of 8 heads, as the paper's steering
+    # model has one layer (2026-12-03, on a 2-core AVX2 machine at the same budget: base
+    # 3.963 against 4.169 for two layers of 4 heads, topics 1-32% on topic against 0-19%),
+    # its input embeddings set from co-occurrence counts and frozen, the output ones
+    # learned (base 3.931, topics 1-53% on topic: docs/results/language.md)
     "cpu": {
         "budget_minutes": 50,
+        "net": NET,
         "base": {"steps": 2800, "eval_every": 400, "eval_batches": 16, "checkpoint_every": 400},
         "codebook": {
             "sites": ["attn_heads"],
@@ -387,6 +408,7 @@ PRESETS: dict[str, dict] = {
     # batches, shorter stages, no control, fewer measuring batches and a smaller cache
     "demo": {
         "budget_minutes": 12,
+        "net": NET,
         "base": {"steps": 600, "batch_size": 16, "eval_every": 200, "eval_batches": 8},
         "codebook": {
             "sites": ["attn_heads"],
@@ -531,6 +553,7 @@ def stage_config(cfg: LMExperimentConfig, name: str, out: Path) -> TrainConfig:
             freeze_base_steps=c.freeze_base_steps,
             distill_weight=c.distill_weight,
         )
+    optim.freeze_embeddings = cfg.net.embeddings == "cooccurrence"
     return TrainConfig(
         output_dir=str(out / name),
         data=DataSection(corpus=cfg.data.corpus, seq_len=cfg.data.seq_len),

@@ -37,6 +37,7 @@ from codebook_lens.core import sites as S
 from codebook_lens.core.files import check_output_dir
 from codebook_lens.core.loading import load_codebook_model
 from codebook_lens.core.model import CodebookModel, CodebookModelConfig
+from codebook_lens.data.cooccurrence import cooccurrence_embeddings
 from codebook_lens.data.documents import Blocks, iter_documents, tokenize_documents
 from codebook_lens.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from codebook_lens.experiments.language import evaluate as E
@@ -120,8 +121,25 @@ def token_data(cfg: LMExperimentConfig, tokenizer) -> TrainData:
     return TrainData(Blocks(train_tokens, seq, "training split"), Blocks(eval_tokens, seq, "eval"))
 
 
-def build_base(cfg: LMExperimentConfig, tokenizer, seed: int):
-    """A fresh GPT-NeoX of ``cfg.net`` for ``tokenizer`` (``source: scratch``), or the
+def base_embeddings(cfg: LMExperimentConfig, data: TrainData, vocab_size: int, log: Log):
+    """The token embeddings a network from scratch starts from under ``net.embeddings:
+    cooccurrence`` (from the training split, see :mod:`codebook_lens.data.cooccurrence`);
+    ``None`` otherwise (random, learned)."""
+    net = cfg.net
+    if net.source != "scratch" or net.embeddings != "cooccurrence":
+        return None
+    log(
+        f"embeddings: co-occurrence within {net.embedding_window} tokens over the training "
+        f"split, PPMI reduced to {net.hidden} dimensions"
+    )
+    return cooccurrence_embeddings(
+        data.train.blocks, vocab_size, net.hidden, window=net.embedding_window, seed=cfg.base.seed
+    )
+
+
+def build_base(cfg: LMExperimentConfig, tokenizer, seed: int, embeddings=None):
+    """A fresh GPT-NeoX of ``cfg.net`` for ``tokenizer`` (``source: scratch``), its input
+    token embeddings set to ``embeddings`` when given (see :func:`base_embeddings`), or the
     first ``net.layers`` layers of a pretrained network (SmolLM2 or a model directory)."""
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
@@ -159,7 +177,17 @@ def build_base(cfg: LMExperimentConfig, tokenizer, seed: int):
             "partial_rotary_factor": net.rotary_fraction,
         },
     )
-    return AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config)
+    if embeddings is not None:
+        weight = model.get_input_embeddings().weight
+        if tuple(embeddings.shape) != tuple(weight.shape):
+            raise ConfigError(
+                f"embeddings of shape {tuple(embeddings.shape)} for a network whose token "
+                f"embeddings are {tuple(weight.shape)}"
+            )
+        with torch.no_grad():
+            weight.copy_(embeddings)  # the output embeddings too when they are tied
+    return model
 
 
 # ----------------------------------------------------------------------------------------
@@ -260,11 +288,12 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
     t0 = time.perf_counter()
     tokenizer = tokenizer_stage(cfg, out, log)
     data = token_data(cfg, tokenizer)
+    embeddings = base_embeddings(cfg, data, len(tokenizer), log)
     seconds["tokenizer"] = time.perf_counter() - t0
 
     def measure() -> tuple[float, float, float]:
         log(f"budget: timing training and sampling to fit {cfg.budget_minutes:g} minutes")
-        net = build_base(cfg, tokenizer, cfg.base.seed)
+        net = build_base(cfg, tokenizer, cfg.base.seed, embeddings)
         step = time_base_step(net, len(tokenizer), timed_batch(cfg), cfg.data.seq_len)
         forward = time_forward(net, len(tokenizer), FORWARD_ROWS, cfg.data.seq_len)
         wrapped = CodebookModel(net, CodebookModelConfig([])).eval()
@@ -290,11 +319,17 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
         )
 
     base_cbm, seconds["base"] = train_stage(
-        cfg, "base", out, build_base(cfg, tokenizer, cfg.base.seed), data, tokenizer, log
+        cfg,
+        "base",
+        out,
+        build_base(cfg, tokenizer, cfg.base.seed, embeddings),
+        data,
+        tokenizer,
+        log,
     )
     base = base_cbm.model
     c = cfg.codebook
-    start = copy.deepcopy(base) if c.from_base else build_base(cfg, tokenizer, c.seed)
+    start = copy.deepcopy(base) if c.from_base else build_base(cfg, tokenizer, c.seed, embeddings)
     _, seconds["codebook"] = train_stage(cfg, "codebook", out, start, data, tokenizer, log)
     control = None
     if c.control and c.from_base:
