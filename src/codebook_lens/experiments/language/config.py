@@ -1,6 +1,7 @@
 """The natural-language experiment's config: tokenizer, data, network, the training
-stages and the measurements, with presets (``cpu``, ``demo``, ``paper``, ``tiny``) and
-``key=value`` overrides.
+stages and the measurements, with presets (``cpu``, ``demo``, ``paper``, ``smollm2``,
+``tiny``; :mod:`codebook_lens.experiments.language.presets`) and ``key=value``
+overrides.
 
 Keys are strict (a misspelt key is refused with a suggestion) and values are checked
 when the config is built, before any model exists. Each training stage becomes a
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from codebook_lens.core.codebook import SIMILARITIES, CodebookConfig
 from codebook_lens.core.sites import SITES
+from codebook_lens.experiments.language.presets import PRESETS
 from codebook_lens.steering.intervene import MODES
 from codebook_lens.training.config import (
     CheckpointSection,
@@ -332,191 +334,6 @@ class LMExperimentConfig:
         layers = self.codebook.layers or []
         ok = all(i < self.net.layers for i in layers)
         require(ok, "codebook.layers", layers, f"below net.layers ({self.net.layers})")
-
-
-# the network of the cpu and demo presets
-NET = {"layers": 1, "heads": 8, "embeddings": "cooccurrence", "tie_embeddings": False}
-
-PRESETS: dict[str, dict] = {
-    # sized for this project's 2-core CPU: at most an hour end to end. The codebook
-    # stage's settings are those of the measured run r3 (docs/results/language.md):
-    # fewer codes per activation (k = 4 per head, 8 per MLP) from larger codebooks, and
-    # a lower learning rate for the network than for the codes (r2, at 1e-3 / 3e-3,
-    # diverged). The base trains for 2,800 steps (800 took 8.1 min alone and left a
-    # model whose samples ignore their context). Trained along from the start, the
-    # network diverged on this base (the activations ran away from the codes); frozen,
-    # the codes alone left +0.48 nats (150 steps) or +0.40 (400 steps). So the codes
-    # train alone for 250 steps, then the network along with them for 250 more, with a
-    # commitment loss (without it the second half diverged) and the KL to the base:
-    # +0.30 in the probe, +0.292 end to end (38 min 53 s alone). Codebooks sit on the
-    # attention heads of every layer, as on the paper's TinyStories steering model (an
-    # attention-only codebook model): with the MLPs quantized too the stage levelled off
-    # near +0.28 to +0.30 nats over the base; on the heads alone it reached +0.09
-    # (+0.092 end to end, 36 min 31 s alone; `codebook.sites=[attn_heads,mlp]` puts the
-    # MLP codebooks back). The network: one layer of 8 heads, as the paper's steering
-    # model has one layer (2026-12-03, on a 2-core AVX2 machine at the same budget: base
-    # 3.963 against 4.169 for two layers of 4 heads, topics 1-32% on topic against 0-19%),
-    # its input embeddings set from co-occurrence counts and frozen, the output ones
-    # learned (base 3.931, topics 1-53% on topic: docs/results/language.md)
-    "cpu": {
-        "budget_minutes": 50,
-        "net": NET,
-        "base": {"steps": 2800, "eval_every": 400, "eval_batches": 16, "checkpoint_every": 400},
-        "codebook": {
-            "sites": ["attn_heads"],
-            "steps": 500,
-            "freeze_base_steps": 250,
-            "lr": 3e-4,
-            "codebook_lr": 1e-3,
-            "warmup_steps": 25,
-            "attn_num_codes": 2048,
-            "attn_k": 4,
-            "mlp_num_codes": 4096,
-            "mlp_k": 8,
-            "kmeans_tokens": 16384,
-            "commitment_weight": 0.25,
-            "distill_weight": 1.0,
-            "eval_every": 125,
-            "checkpoint_every": 125,
-            # the control (the base trained on without codebooks for the same steps) took
-            # 219 s of 36 min on the AVX-512 machine: the budget goes to the stages that
-            # make the model (codebook.control=true puts it back)
-            "control": False,
-        },
-        # the measured selection may spend most of the target's fluency budget (1 nat):
-        # on the cpu preset's model it raised the steered shares from 6-18% (target_rate
-        # 0.03, max_cost 0.5) to 9-44% at costs of 0.41-0.88 nats; the forced codes are
-        # added to the k the search chose (append) rather than put in place of the last
-        # ones: 4-63% at 0.54-0.83 nats
-        # the measured path is sampled at four prefixes from held-out seeds and the one
-        # with the largest share within 0.8 nats (measured) is kept (select: calibrated);
-        # the prefixes are found by bisection on their measured costs, from the longest
-        # predicted within 0.8 (on the full-size model: war 29% at 0.66 nats against 23%
-        # at 0.32 with prefixes spread evenly by predicted cost, the others the same)
-        "steer": {
-            "select": "calibrated",
-            "target_rate": 0.3,
-            "explore_cost": 1.6,
-            "calibration_points": 4,
-            "calibration_search": "bisect",
-            "calibration_samples": 5,
-            "max_cost": 0.8,
-            "mode": "append",
-        },
-    },
-    # the same experiment on a shorter budget (at most 15 minutes here): half-size
-    # batches, shorter stages, no control, fewer measuring batches and a smaller cache
-    "demo": {
-        "budget_minutes": 12,
-        "net": NET,
-        "base": {"steps": 600, "batch_size": 16, "eval_every": 200, "eval_batches": 8},
-        "codebook": {
-            "sites": ["attn_heads"],
-            "steps": 150,
-            "batch_size": 16,
-            "lr": 3e-4,
-            "codebook_lr": 1e-3,
-            "warmup_steps": 15,
-            "attn_num_codes": 1024,
-            "attn_k": 4,
-            "mlp_num_codes": 2048,
-            "mlp_k": 8,
-            "kmeans_tokens": 8192,
-            "eval_every": 50,
-            "checkpoint_every": 50,
-            "control": False,
-        },
-        "measure": {"eval_batches": 8, "ablation_batches": 8, "cache_tokens": 60_000},
-        "steer": {
-            "select": "calibrated",
-            "candidates_per_group": 4,
-            "target_rate": 0.3,
-            "explore_cost": 1.6,
-            "calibration_points": 3,
-            "calibration_search": "bisect",
-            "calibration_samples": 5,
-            "max_cost": 0.8,
-            "mode": "append",
-        },
-    },
-    # SmolLM2-135M (the offline asset) as it is, with codebooks on the attention heads of
-    # some of its layers, trained with the network frozen on the LM loss plus the KL to
-    # SmolLM2 (route c' of docs/results/language.md: it meets the loss target; no topic
-    # steered)
-    "smollm2": {
-        "net": {"source": "smollm2-135m", "layers": 30},
-        "data": {"max_train_tokens": 2_000_000},
-        "base": {"steps": 0, "batch_size": 8},
-        "codebook": {
-            "sites": ["attn_heads"],
-            "layers": [6, 10, 14, 18],
-            "steps": 100,
-            "batch_size": 8,
-            "codebook_lr": 1e-3,  # the network is frozen: its lr is unused
-            "warmup_steps": 10,
-            "attn_num_codes": 1024,
-            "attn_k": 8,
-            "kmeans_tokens": 16384,
-            "freeze_base": True,
-            "distill_weight": 1.0,
-            "control": False,
-            "eval_every": 50,
-            "eval_batches": 4,
-            "checkpoint_every": 50,
-            "log_every": 10,
-        },
-        "measure": {"eval_batches": 16, "ablation_batches": 8, "cache_tokens": 40_000},
-        "steer": {"select": "text"},
-    },
-    # a larger network and longer training, meant for a GPU
-    "paper": {
-        "tokenizer": {"vocab_size": 8192},
-        "data": {"seq_len": 256},
-        "net": {"layers": 4, "hidden": 512, "heads": 8, "mlp": 2048},
-        "base": {"steps": 20000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 500},
-        "codebook": {
-            "steps": 5000,
-            "batch_size": 64,
-            "lr": 3e-4,
-            "attn_num_codes": 4096,
-            "mlp_num_codes": 8192,
-        },
-        "measure": {"cache_tokens": 1_000_000},
-    },
-    # seconds, for tests: every stage runs, nothing is meaningful
-    "tiny": {
-        "tokenizer": {"vocab_size": 300, "max_chars": 200_000},
-        "data": {"seq_len": 32, "max_train_tokens": 20_000},
-        "net": {"layers": 1, "hidden": 32, "heads": 2, "mlp": 64},
-        "base": {"steps": 6, "batch_size": 4, "warmup_steps": 2, "log_every": 3},
-        "codebook": {
-            "steps": 4,
-            "batch_size": 4,
-            "warmup_steps": 1,
-            "log_every": 2,
-            "attn_num_codes": 32,
-            "attn_k": 2,
-            "mlp_num_codes": 64,
-            "mlp_k": 4,
-            "kmeans_tokens": 512,
-        },
-        "measure": {
-            "eval_batches": 2,
-            "ablation_batches": 2,
-            "cache_tokens": 3000,
-            "min_count": 2,
-            "neuron_sample": 64,
-        },
-        "steer": {
-            "samples_per_prompt": 2,
-            "max_new_tokens": 8,
-            "min_count": 2,
-            "select": "calibrated",
-            "calibration_points": 2,
-            "calibration_samples": 2,
-        },
-    },
-}
 
 
 def load_lm_config(preset: str = "cpu", overrides: list[str] | None = None) -> LMExperimentConfig:
