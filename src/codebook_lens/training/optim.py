@@ -48,13 +48,11 @@ def embedding_params(model: CodebookModel) -> list[torch.nn.Parameter]:
     return [module.weight] if module is not None else []
 
 
-def network_params(
-    model: CodebookModel, cfg: TrainConfig | None = None
-) -> list[torch.nn.Parameter]:
+def network_params(model: CodebookModel, cfg: TrainConfig) -> list[torch.nn.Parameter]:
     """The parameters of the network under the codebooks that may train: without the
-    token embeddings when ``cfg.optim.freeze_embeddings``."""
+    input token embeddings when ``cfg.optim.freeze_embeddings``."""
     skip = {id(p) for p in model.codebooks.parameters()}
-    if cfg is not None and cfg.optim.freeze_embeddings:
+    if cfg.optim.freeze_embeddings:
         skip |= {id(p) for p in embedding_params(model)}
     return [p for p in model.parameters() if id(p) not in skip]
 

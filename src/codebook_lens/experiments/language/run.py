@@ -126,7 +126,7 @@ def base_embeddings(cfg: LMExperimentConfig, data: TrainData, vocab_size: int, l
     cooccurrence`` (from the training split, see :mod:`codebook_lens.data.cooccurrence`);
     ``None`` otherwise (random, learned)."""
     net = cfg.net
-    if net.source != "scratch" or net.embeddings != "cooccurrence":
+    if net.embeddings != "cooccurrence":  # the config allows it from scratch only
         return None
     log(
         f"embeddings: co-occurrence within {net.embedding_window} tokens over the training "
