@@ -25,6 +25,7 @@ from codebook_lens.experiments.language.run import (
     _fingerprint,
     _stamped,
     base_embeddings,
+    build_base,
     run,
     token_data,
     tokenizer_stage,
@@ -144,7 +145,8 @@ def test_tiny_preset_end_to_end_and_rerun(files, capsys):
     # the tiny preset chooses its codes by calibration: its points are in the details,
     # the chosen one's held-out share in the metrics
     assert boats["calibration"] and metrics["steer.boats.calibration_points"] >= 1
-    chosen = next(p for p in boats["calibration"] if p["codes"] == len(boats["codes"]))
+    chosen = boats["calibration"][boats["calibration_kept"]]
+    assert chosen["codes"] == len(boats["codes"])
     assert metrics["steer.boats.calibration_share"] == chosen["share"]
     assert "held-out seeds" in (out / "report.html").read_text()
     # a pattern that matches nothing has no code and counts as a loss
@@ -190,7 +192,7 @@ def test_calibrated_selection_keeps_the_best_prefix_within_budget(files):
         model, prompts, codec, samples=3, max_new_tokens=s.max_new_tokens, seed=s.seed + 1000
     )
     assert held_out.texts == again
-    codes, tried = calibrated_codes(model, codec, cache, prompts, boats, s, held_out)
+    codes, tried, kept = calibrated_codes(model, codec, cache, prompts, boats, s, held_out)
     # the path the prefixes come from: the measured selection on the held-out samples
     blocks = sample_blocks(codec, prompts, held_out.texts, cfg.data.seq_len)
     path = measured_topic_codes(
@@ -226,11 +228,13 @@ def test_calibrated_selection_keeps_the_best_prefix_within_budget(files):
     # the kept prefix: the largest share among points within max_cost, cheaper on a tie
     within = [p for p in tried if p.cost <= s.max_cost]
     best = max(within, key=lambda p: (p.share, -p.cost))
-    assert codes == path.codes[: best.codes]
+    assert codes == path.codes[: best.codes] and tried[kept] == best
     # the bisection: the same path, its prefixes chosen by the measured costs (a replay
     # with the points it sampled gives the same sequence), the kept one as above
     bisect = load_lm_config("tiny", [*overrides, *more, "steer.calibration_search=bisect"])
-    codes, tried = calibrated_codes(model, codec, cache, prompts, boats, bisect.steer, held_out)
+    codes, tried, _ = calibrated_codes(
+        model, codec, cache, prompts, boats, bisect.steer, held_out
+    )
     by_index = {p.codes - 1: p for p in tried}
     replay = bisect_prefixes([f.cost for f in path.path], 3, s.max_cost, by_index.__getitem__)
     assert replay == tried and 1 <= len(tried) <= 3
@@ -240,8 +244,28 @@ def test_calibrated_selection_keeps_the_best_prefix_within_budget(files):
     # no point within budget: nothing is forced
     strict = load_lm_config("tiny", [*overrides, *more, "steer.max_cost=1e-12"])
     if all(p.cost > 1e-12 for p in tried):
-        none, _ = calibrated_codes(model, codec, cache, prompts, boats, strict.steer, held_out)
-        assert none == []
+        none, _, kept = calibrated_codes(
+            model, codec, cache, prompts, boats, strict.steer, held_out
+        )
+        assert none == [] and kept is None
+    # objective: both: the prefixes of the two paths (each as its own objective samples
+    # them), the best of all of them kept
+    both = load_lm_config("tiny", [*overrides, *more, "steer.objective=both"])
+    codes, tried, kept = calibrated_codes(model, codec, cache, prompts, boats, both.steer, held_out)
+    alone = []
+    for objective in ("log_prob", "rate"):
+        one = load_lm_config("tiny", [*overrides, *more, f"steer.objective={objective}"])
+        c, points, i = calibrated_codes(model, codec, cache, prompts, boats, one.steer, held_out)
+        assert all(p.objective == objective for p in points)
+        alone.append((c, points, i))
+    assert tried == alone[0][1] + alone[1][1]
+    within = [i for i, p in enumerate(tried) if p.cost <= s.max_cost]
+    if within:
+        assert kept == max(within, key=lambda i: (tried[i].share, -tried[i].cost))
+        # the best of all is the best of its own path (the first of equals, as there)
+        first = len(alone[0][1])
+        own, index = (alone[0], kept) if kept < first else (alone[1], kept - first)
+        assert own[2] == index and codes == own[0]
 
 
 def mean_loss(model, codec, prompts, texts) -> float:
@@ -451,3 +475,43 @@ def test_cooccurrence_embeddings_need_a_network_from_scratch():
     with pytest.raises(ConfigError, match="net.embeddings"):
         load_lm_config("smollm2", ["net.embeddings=cooccurrence"])
     assert not stage_config(load_lm_config("tiny"), "base", Path("x")).optim.freeze_embeddings
+
+
+class _Vocab:
+    """What build_base reads of a tokenizer: its size and end-of-sequence id."""
+
+    eos_token_id = 0
+
+    def __len__(self) -> int:
+        return 50
+
+
+@pytest.mark.parametrize("inputs", ["learned", "cooccurrence"])
+def test_output_embeddings_start_from_the_cooccurrence_matrix(inputs):
+    """net.output_embeddings: cooccurrence copies the co-occurrence matrix into the untied
+    output embeddings (which the stages train: only the input ones are frozen), whatever
+    the input embeddings are."""
+    extra = [f"net.embeddings={inputs}", "net.tie_embeddings=false"]
+    cfg = load_lm_config("tiny", [*extra, "net.output_embeddings=cooccurrence"])
+    matrix = torch.randn(50, cfg.net.hidden)
+    net = build_base(cfg, _Vocab(), 0, matrix)
+    assert torch.equal(net.get_output_embeddings().weight, matrix)
+    assert torch.equal(net.get_input_embeddings().weight, matrix) == (inputs == "cooccurrence")
+    assert net.get_output_embeddings().weight is not net.get_input_embeddings().weight
+    assert stage_config(cfg, "base", Path("x")).optim.freeze_embeddings == (inputs != "learned")
+    plain = build_base(load_lm_config("tiny", extra), _Vocab(), 0, matrix)
+    assert not torch.equal(plain.get_output_embeddings().weight, matrix)
+    with pytest.raises(ConfigError, match="embeddings of shape"):
+        build_base(cfg, _Vocab(), 0, torch.randn(49, cfg.net.hidden))
+
+
+def test_cooccurrence_output_embeddings_need_untied_embeddings_from_scratch():
+    for extra in (["net.tie_embeddings=true"], ["net.source=smollm2-135m"]):
+        with pytest.raises(ConfigError, match="net.output_embeddings"):
+            load_lm_config("tiny", [*extra, "net.output_embeddings=cooccurrence"])
+
+
+def test_both_objectives_need_the_calibrated_selection():
+    assert load_lm_config("tiny", ["steer.objective=both"]).steer.objective == "both"
+    with pytest.raises(ConfigError, match="steer.objective"):
+        load_lm_config("tiny", ["steer.objective=both", "steer.select=measured"])

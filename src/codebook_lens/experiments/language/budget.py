@@ -156,7 +156,8 @@ def sampling_batches(cfg: LMExperimentConfig, prompts: int, topics: int) -> floa
     batches = prompts * (1 + 2 * topics)
     if s.select == "calibrated":
         ratio = s.calibration_samples / s.samples_per_prompt
-        batches += prompts * ratio * (1 + topics * s.calibration_points)
+        paths = 2 if s.objective == "both" else 1
+        batches += prompts * ratio * (1 + topics * paths * s.calibration_points)
     return batches
 
 
@@ -178,7 +179,8 @@ def measure_forwards(cfg: LMExperimentConfig, prompts: int, topics: int) -> floa
     context = prompts * samples * (s.max_new_tokens + 4)
     selection = topics * TOPIC_FORWARDS
     if s.select in ("measured", "calibrated"):
-        selection += topics * 2 * s.candidates_per_group * groups(cfg) * context
+        paths = 2 if s.objective == "both" else 1
+        selection += topics * 2 * paths * s.candidates_per_group * groups(cfg) * context
     return quality + CACHE_PASSES * m.cache_tokens + selection
 
 

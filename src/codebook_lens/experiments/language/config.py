@@ -86,7 +86,10 @@ class NetSection:
     (:func:`codebook_lens.data.cooccurrence.cooccurrence_embeddings`) and frozen in every
     stage, so that tokens of one subject enter the network near one another. With
     ``tie_embeddings`` the output embeddings are the same frozen matrix; untied, they
-    are learned."""
+    are learned, from a random start (``output_embeddings: random``) or from the same
+    co-occurrence matrix (``output_embeddings: cooccurrence``), so that the rare words
+    of one subject also leave the network near one another before training has seen
+    them often."""
 
     source: str = "scratch"
     layers: int = 2
@@ -98,6 +101,7 @@ class NetSection:
     tie_embeddings: bool = True
     embeddings: typing.Literal["learned", "cooccurrence"] = "learned"
     embedding_window: int = 8
+    output_embeddings: typing.Literal["random", "cooccurrence"] = "random"
 
     def __post_init__(self) -> None:
         all_finite("net", self)
@@ -112,6 +116,14 @@ class NetSection:
         at_least("net", self, 1, "embedding_window")
         ok = self.embeddings == "learned" or self.source == "scratch"
         require(ok, "net.embeddings", self.embeddings, "learned for a pretrained network")
+        if self.output_embeddings == "cooccurrence":
+            ok = self.source == "scratch" and not self.tie_embeddings
+            require(
+                ok,
+                "net.output_embeddings",
+                self.output_embeddings,
+                "random for a pretrained network or tied embeddings",
+            )
 
 
 @dataclasses.dataclass
@@ -268,8 +280,9 @@ class SteerSection:
     # select: measured (codebook_lens.steering.topic_codes.measured_topic_codes)
     candidates_per_group: int = 8
     # what the greedy search raises: the mean log topic probability or the log of the
-    # mean (codebook_lens.steering.topic_codes)
-    objective: typing.Literal["log_prob", "rate"] = "log_prob"
+    # mean (codebook_lens.steering.topic_codes); `both` (select: calibrated only): a path
+    # for each, the calibration samples prefixes of both and keeps the best
+    objective: typing.Literal["log_prob", "rate", "both"] = "log_prob"
     target_rate: float = 0.03
     max_cost: float = 0.5
     # measure forcing on the unsteered samples of the prompts, or on the cache's text
@@ -309,6 +322,8 @@ class SteerSection:
         ok = 0 < self.min_fraction <= 1
         require(ok, "steer.min_fraction", self.min_fraction, "in (0, 1]")
         non_negative("steer", self, "temperature")
+        ok = self.objective != "both" or self.select == "calibrated"
+        require(ok, "steer.objective", self.objective, "log_prob or rate unless select: calibrated")
 
 
 @dataclasses.dataclass

@@ -46,18 +46,29 @@ def regex_scatter(rows: list[dict]) -> str:
 def calibration_plot(steering: list[dict], max_cost: float) -> str:
     """``select: calibrated``: per topic, the share on topic of the held-out steered
     samples against their measured fluency cost, for each prefix of the measured path
-    that was sampled (larger marker: the prefix kept)."""
+    that was sampled (with ``steer.objective: both``, a solid line for the ``log_prob``
+    path and a dashed one for the ``rate`` path; larger marker: the prefix kept)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for r in steering:
         points = r.get("calibration") or []
-        if not points:
-            continue
-        xs, ys = [p["cost"] for p in points], [p["share"] for p in points]
-        (line,) = ax.plot(xs, ys, marker="o", ms=3, lw=1, label=r["name"])
-        for p in points:
-            if p["codes"] == len(r["codes"]):
-                ax.plot([p["cost"]], [p["share"]], "o", ms=8, color=line.get_color())
+        color = None
+        for objective in dict.fromkeys(p.get("objective", "log_prob") for p in points):
+            mine = [p for p in points if p.get("objective", "log_prob") == objective]
+            (line,) = ax.plot(
+                [p["cost"] for p in mine],
+                [p["share"] for p in mine],
+                marker="o",
+                ms=3,
+                lw=1,
+                ls="--" if objective == "rate" else "-",
+                color=color,
+                label=r["name"] if color is None else None,
+            )
+            color = line.get_color()
+        kept = r.get("calibration_kept")
+        if kept is not None:
+            ax.plot([points[kept]["cost"]], [points[kept]["share"]], "o", ms=8, color=color)
     ax.axvline(max_cost, color="#a33", lw=1, ls="--")
     ax.axhline(0.6, color="#888", lw=1, ls=":")
     ax.set_xlabel("fluency cost on the held-out samples (nats per token)")
@@ -284,7 +295,9 @@ def lm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
     if any(r.get("calibration") for r in steering):
         parts.append(
             "<p>Codes chosen by calibration: each topic's measured path (codes added in "
-            "order of topic gain per predicted fluency cost, up to a predicted cost of "
+            "order of topic gain per predicted fluency cost"
+            + (", one path per objective" if cfg.steer.objective == "both" else "")
+            + ", up to a predicted cost of "
             f"{cfg.steer.explore_cost:g} nats) was sampled at up to "
             f"{cfg.steer.calibration_points} of its prefixes, "
             f"{cfg.steer.calibration_samples} samples per prompt from seeds the measurement "

@@ -122,11 +122,12 @@ def token_data(cfg: LMExperimentConfig, tokenizer) -> TrainData:
 
 
 def base_embeddings(cfg: LMExperimentConfig, data: TrainData, vocab_size: int, log: Log):
-    """The token embeddings a network from scratch starts from under ``net.embeddings:
-    cooccurrence`` (from the training split, see :mod:`codebook_lens.data.cooccurrence`);
-    ``None`` otherwise (random, learned)."""
+    """The co-occurrence token embeddings (from the training split, see
+    :mod:`codebook_lens.data.cooccurrence`) that a network from scratch starts from under
+    ``net.embeddings: cooccurrence`` or ``net.output_embeddings: cooccurrence``; ``None``
+    when neither asks for them (random, learned)."""
     net = cfg.net
-    if net.embeddings != "cooccurrence":  # the config allows it from scratch only
+    if "cooccurrence" not in (net.embeddings, net.output_embeddings):  # from scratch only
         return None
     log(
         f"embeddings: co-occurrence within {net.embedding_window} tokens over the training "
@@ -139,8 +140,10 @@ def base_embeddings(cfg: LMExperimentConfig, data: TrainData, vocab_size: int, l
 
 def build_base(cfg: LMExperimentConfig, tokenizer, seed: int, embeddings=None):
     """A fresh GPT-NeoX of ``cfg.net`` for ``tokenizer`` (``source: scratch``), its input
-    token embeddings set to ``embeddings`` when given (see :func:`base_embeddings`), or the
-    first ``net.layers`` layers of a pretrained network (SmolLM2 or a model directory)."""
+    token embeddings (``net.embeddings: cooccurrence``) and its untied output ones
+    (``net.output_embeddings: cooccurrence``) set to ``embeddings`` when given (see
+    :func:`base_embeddings`), or the first ``net.layers`` layers of a pretrained network
+    (SmolLM2 or a model directory)."""
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
     torch.manual_seed(seed)
@@ -178,15 +181,21 @@ def build_base(cfg: LMExperimentConfig, tokenizer, seed: int, embeddings=None):
         },
     )
     model = AutoModelForCausalLM.from_config(config)
-    if embeddings is not None:
-        weight = model.get_input_embeddings().weight
+    if embeddings is None:
+        return model
+    targets = []
+    if net.embeddings == "cooccurrence":
+        targets.append(model.get_input_embeddings().weight)  # the output too when tied
+    if net.output_embeddings == "cooccurrence":
+        targets.append(model.get_output_embeddings().weight)
+    for weight in targets:
         if tuple(embeddings.shape) != tuple(weight.shape):
             raise ConfigError(
                 f"embeddings of shape {tuple(embeddings.shape)} for a network whose token "
                 f"embeddings are {tuple(weight.shape)}"
             )
         with torch.no_grad():
-            weight.copy_(embeddings)  # the output embeddings too when they are tied
+            weight.copy_(embeddings)
     return model
 
 
@@ -407,7 +416,9 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
         tried = ""
         if r.calibration:
             tried = "; held out: " + ", ".join(
-                f"{p['codes']} codes {100 * p['share']:.0f}% at {p['cost']:+.2f}"
+                f"{p['codes']} codes"
+                + (f" ({p['objective']})" if cfg.steer.objective == "both" else "")
+                + f" {100 * p['share']:.0f}% at {p['cost']:+.2f}"
                 for p in r.calibration
             )
         log(
@@ -426,10 +437,10 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
             metrics[f"steer.{r.name}.forced_topic_rate"] = r.forced_topic_rate
         if cfg.steer.select == "calibrated":
             metrics[f"steer.{r.name}.calibration_points"] = len(r.calibration)
-            chosen = [p for p in r.calibration if p["codes"] == len(r.codes)]
-            if r.codes and chosen:
-                metrics[f"steer.{r.name}.calibration_share"] = chosen[0]["share"]
-                metrics[f"steer.{r.name}.calibration_cost"] = chosen[0]["cost"]
+            if r.calibration_kept is not None:
+                chosen = r.calibration[r.calibration_kept]
+                metrics[f"steer.{r.name}.calibration_share"] = chosen["share"]
+                metrics[f"steer.{r.name}.calibration_cost"] = chosen["cost"]
     for key, value in steering_summary(results).items():
         metrics[f"steer.{key}"] = value
     if budget is not None:

@@ -95,12 +95,23 @@ def _word_codes(cache: CodeCache, topic: Topic, cfg: SteerSection) -> list[CodeR
     return [h.ref for h in hits]
 
 
+def objectives(cfg: SteerSection) -> tuple[str, ...]:
+    """The objectives whose measured paths are searched: ``cfg.objective``, or both of
+    them for ``both`` (``select: calibrated`` then samples prefixes of each path)."""
+    return ("log_prob", "rate") if cfg.objective == "both" else (cfg.objective,)
+
+
 def measured_path(
-    cache: CodeCache, topic: Topic, cfg: SteerSection, contexts, max_cost: float
+    cache: CodeCache,
+    topic: Topic,
+    cfg: SteerSection,
+    contexts,
+    max_cost: float,
+    objective: str | None = None,
 ) -> TopicCodes | None:
-    """:func:`measured_topic_codes` with ``cfg``'s settings up to ``max_cost``; ``None``
-    when the topic has no candidate (no topic word starts with a token of its own, or no
-    code qualifies)."""
+    """:func:`measured_topic_codes` with ``cfg``'s settings (its objective, unless
+    ``objective`` is given) up to ``max_cost``; ``None`` when the topic has no candidate
+    (no topic word starts with a token of its own, or no code qualifies)."""
     try:
         return measured_topic_codes(
             cache,
@@ -113,7 +124,7 @@ def measured_path(
             max_frequency=cfg.max_frequency,
             mode=cfg.mode,
             strength=cfg.strength,
-            objective=cfg.objective,
+            objective=objective or cfg.objective,
         )
     except SearchError:
         return None
@@ -225,6 +236,7 @@ class CalibrationPoint:
     predicted_rate: float  # ... and topic rate, on the unsteered text
     share: float  # share of the held-out steered samples on topic
     cost: float  # their fluency cost against the held-out unsteered samples
+    objective: str = "log_prob"  # the objective of the path it is a prefix of
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -238,20 +250,44 @@ def calibrated_codes(
     topic: Topic,
     cfg: SteerSection,
     held_out: Unsteered,
-) -> tuple[list[CodeRef], list[CalibrationPoint]]:
+) -> tuple[list[CodeRef], list[CalibrationPoint], int | None]:
     """The codes forced for ``topic`` under ``select: calibrated``, and the prefixes
     tried. The measured path (:func:`measured_topic_codes` up to a predicted cost of
-    ``cfg.explore_cost``, measured on the ``held_out`` samples) is sampled at up to
-    ``cfg.calibration_points`` prefixes from the held-out seeds (``calibration_search``:
-    ``spread`` evenly by predicted cost, :func:`path_points`; ``bisect``, a search for
-    the longest prefix within the budget, :func:`bisect_prefixes`);
-    the prefix with the largest share on topic among those whose measured fluency cost
-    is at most ``cfg.max_cost`` is kept (the cheaper one on a tie). None qualifies:
-    no codes."""
+    ``cfg.explore_cost``, measured on the ``held_out`` samples; one path per objective
+    with ``objective: both``) is sampled at up to ``cfg.calibration_points`` prefixes
+    from the held-out seeds (``calibration_search``: ``spread`` evenly by predicted
+    cost, :func:`path_points`; ``bisect``, a search for the longest prefix within the
+    budget, :func:`bisect_prefixes`); the prefix with the largest share on topic among
+    those of every path whose measured fluency cost is at most ``cfg.max_cost`` is kept
+    (the cheaper one on a tie), with its index among the prefixes tried. None qualifies:
+    no codes (and no index)."""
     contexts = sample_blocks(codec, prompts, held_out.texts, int(cache.manifest["seq_len"]))
-    found = measured_path(cache, topic, cfg, contexts, cfg.explore_cost)
-    if found is None:
-        return [], []
+    tried: list[tuple[CalibrationPoint, list[CodeRef]]] = []
+    for objective in objectives(cfg):
+        found = measured_path(cache, topic, cfg, contexts, cfg.explore_cost, objective)
+        if found is not None:
+            points = calibrate_path(model, codec, prompts, topic, cfg, held_out, found, objective)
+            tried += [(p, found.codes[: p.codes]) for p in points]
+    points = [p for p, _ in tried]
+    within = [i for i, p in enumerate(points) if p.cost <= cfg.max_cost]
+    if not within:
+        return [], points, None
+    best = max(within, key=lambda i: (points[i].share, -points[i].cost))
+    return tried[best][1], points, best
+
+
+def calibrate_path(
+    model: CodebookModel,
+    codec: TextCodec,
+    prompts: list[str],
+    topic: Topic,
+    cfg: SteerSection,
+    held_out: Unsteered,
+    found: TopicCodes,
+    objective: str,
+) -> list[CalibrationPoint]:
+    """The prefixes of one measured path sampled from the held-out seeds (see
+    :func:`calibrated_codes`)."""
 
     def sample(i: int) -> CalibrationPoint:
         texts = generate(
@@ -270,18 +306,13 @@ def calibrated_codes(
             predicted_rate=found.path[i].topic_rate,
             share=topic_share([t for row in texts for t in row], topic.words),
             cost=fluency_cost(_nll(model, codec, prompts, texts), held_out.nll),
+            objective=objective,
         )
 
     costs = [f.cost for f in found.path]
     if cfg.calibration_search == "bisect":
-        tried = bisect_prefixes(costs, cfg.calibration_points, cfg.max_cost, sample)
-    else:
-        tried = [sample(i) for i in path_points(costs, cfg.calibration_points, cfg.explore_cost)]
-    within = [p for p in tried if p.cost <= cfg.max_cost]
-    if not within:
-        return [], tried
-    best = max(within, key=lambda p: (p.share, -p.cost))
-    return found.codes[: best.codes], tried
+        return bisect_prefixes(costs, cfg.calibration_points, cfg.max_cost, sample)
+    return [sample(i) for i in path_points(costs, cfg.calibration_points, cfg.explore_cost)]
 
 
 @dataclass
@@ -304,8 +335,10 @@ class TopicResult:
     # forcing does at the first step, before the steered text departs from the unsteered
     topic_rate: float | None = None
     forced_topic_rate: float | None = None
-    # select: calibrated: the prefixes of the measured path sampled from held-out seeds
+    # select: calibrated: the prefixes of the measured path sampled from held-out seeds,
+    # and the index of the one kept among them (None: none was within the budget)
     calibration: list[dict] = field(default_factory=list)
+    calibration_kept: int | None = None
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -423,10 +456,13 @@ def steer_topic(
         unsteered = sample_unsteered(model, codec, prompts, cfg)
     blocks = sample_blocks(codec, prompts, unsteered.texts, int(cache.manifest["seq_len"]))
     calibration: list[CalibrationPoint] = []
+    kept = None
     if cfg.select == "calibrated":
         if held_out is None:
             held_out = sample_unsteered(model, codec, prompts, cfg, held_out=True)
-        codes, calibration = calibrated_codes(model, codec, cache, prompts, topic, cfg, held_out)
+        codes, calibration, kept = calibrated_codes(
+            model, codec, cache, prompts, topic, cfg, held_out
+        )
     else:
         # the measured selection reads the model's own samples, or else the cache's text
         contexts = blocks if cfg.select == "measured" and cfg.measure_on == "samples" else None
@@ -463,6 +499,7 @@ def steer_topic(
         topic_rate=rate,
         forced_topic_rate=forced_rate,
         calibration=[p.to_dict() for p in calibration],
+        calibration_kept=kept,
     )
 
 
