@@ -32,7 +32,7 @@ def _cfg(*overrides: str):
 
 
 def test_predicted_seconds_by_hand():
-    cfg = _cfg("steer.select=measured")
+    cfg = _cfg("steer.select=measured", "steer.objective=log_prob")
     # 10 prompts, 6 topics: 10 * (1 + 2 * 6) = 130 sampling batches
     assert B.sampling_batches(cfg, 10, 6) == 130
     # the cpu network: 1 layer of 8 heads, one codebook per head
@@ -52,9 +52,11 @@ def test_predicted_seconds_by_hand():
     assert B.predicted_seconds(cfg, step, forward, sample, 10, 6) == pytest.approx(expected)
     # at a factor of 0.25 the base runs a quarter of its steps, the codebook stage half
     quarter = step * (0.25 * 1000 + 0.5 * B.CODEBOOK_STEP * 200 + kmeans) + rest
-    assert B.predicted_seconds(cfg, step, forward, sample, 10, 6, scale=0.25) == pytest.approx(quarter)
+    assert B.predicted_seconds(cfg, step, forward, sample, 10, 6, scale=0.25) == pytest.approx(
+        quarter
+    )
     # the control stage costs its steps
-    control = _cfg("steer.select=measured", "codebook.control=true")
+    control = _cfg("steer.select=measured", "steer.objective=log_prob", "codebook.control=true")
     got = B.predicted_seconds(control, step, forward, sample, 10, 6)
     assert got == pytest.approx(expected + step * B.CONTROL_STEP * 200)
     got = B.predicted_seconds(control, step, forward, sample, 10, 6, scale=0.25)
@@ -62,12 +64,20 @@ def test_predicted_seconds_by_hand():
     # a calibrated selection: 4 points of 5 samples per prompt (half of
     # samples_per_prompt = 10) per topic plus the held-out unsteered ones; its path is
     # measured on the 5 held-out samples per prompt
-    calibrated = _cfg(
-        "steer.select=calibrated", "steer.calibration_points=4", "steer.calibration_samples=5"
-    )
+    points = [
+        "steer.select=calibrated",
+        "steer.calibration_points=4",
+        "steer.calibration_samples=5",
+    ]
+    calibrated = _cfg(*points, "steer.objective=log_prob")
     assert B.sampling_batches(calibrated, 10, 6) == pytest.approx(130 + 10 * 0.5 * (1 + 24))
     half_paths = 6 * B.TOPIC_FORWARDS + 6 * 2 * 8 * 8 * (10 * 5 * 36)
     assert B.measure_forwards(calibrated, 10, 6) == quality + 6 * 200_000 + half_paths
+    # objective: both measures and samples two paths per topic
+    both = _cfg(*points, "steer.objective=both")
+    assert B.sampling_batches(both, 10, 6) == pytest.approx(130 + 10 * 0.5 * (1 + 2 * 24))
+    two_paths = 6 * B.TOPIC_FORWARDS + 6 * 2 * 2 * 8 * 8 * (10 * 5 * 36)
+    assert B.measure_forwards(both, 10, 6) == quality + 6 * 200_000 + two_paths
 
 
 def test_scaled_config_by_hand():
@@ -181,6 +191,9 @@ def test_the_summary_names_the_cpu_and_a_scaled_budget(capsys, tmp_path):
     print_lm_summary(m, tmp_path)
     printed = capsys.readouterr().out
     assert f"15.0 min on {describe_cpu()}" in printed
-    assert "the base ran 44.0% of its steps, the codebook stage 66.0%" in printed and "1.30 s" in printed
+    assert (
+        "the base ran 44.0% of its steps, the codebook stage 66.0%" in printed
+        and "1.30 s" in printed
+    )
     print_lm_summary({**m, "budget.scale": 1.0}, tmp_path)
     assert "scaled" not in capsys.readouterr().out

@@ -232,9 +232,7 @@ def test_calibrated_selection_keeps_the_best_prefix_within_budget(files):
     # the bisection: the same path, its prefixes chosen by the measured costs (a replay
     # with the points it sampled gives the same sequence), the kept one as above
     bisect = load_lm_config("tiny", [*overrides, *more, "steer.calibration_search=bisect"])
-    codes, tried, _ = calibrated_codes(
-        model, codec, cache, prompts, boats, bisect.steer, held_out
-    )
+    codes, tried, _ = calibrated_codes(model, codec, cache, prompts, boats, bisect.steer, held_out)
     by_index = {p.codes - 1: p for p in tried}
     replay = bisect_prefixes([f.cost for f in path.path], 3, s.max_cost, by_index.__getitem__)
     assert replay == tried and 1 <= len(tried) <= 3
