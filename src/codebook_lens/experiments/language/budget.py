@@ -156,7 +156,7 @@ def sampling_batches(cfg: LMExperimentConfig, prompts: int, topics: int) -> floa
     batches = prompts * (1 + 2 * topics)
     if s.select == "calibrated":
         ratio = s.calibration_samples / s.samples_per_prompt
-        paths = 2 if s.objective == "both" else 1
+        paths = len(s.objectives())
         batches += prompts * ratio * (1 + topics * paths * s.calibration_points)
     return batches
 
@@ -179,7 +179,7 @@ def measure_forwards(cfg: LMExperimentConfig, prompts: int, topics: int) -> floa
     context = prompts * samples * (s.max_new_tokens + 4)
     selection = topics * TOPIC_FORWARDS
     if s.select in ("measured", "calibrated"):
-        paths = 2 if s.objective == "both" else 1
+        paths = len(s.objectives())
         selection += topics * 2 * paths * s.candidates_per_group * groups(cfg) * context
     return quality + CACHE_PASSES * m.cache_tokens + selection
 

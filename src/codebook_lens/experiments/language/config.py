@@ -325,6 +325,11 @@ class SteerSection:
         ok = self.objective != "both" or self.select == "calibrated"
         require(ok, "steer.objective", self.objective, "log_prob or rate unless select: calibrated")
 
+    def objectives(self) -> tuple[str, ...]:
+        """The objectives whose measured paths are searched: ``objective``, or both of
+        them for ``both`` (``select: calibrated`` then samples prefixes of each path)."""
+        return ("log_prob", "rate") if self.objective == "both" else (self.objective,)
+
 
 @dataclasses.dataclass
 class LMExperimentConfig:

@@ -95,12 +95,6 @@ def _word_codes(cache: CodeCache, topic: Topic, cfg: SteerSection) -> list[CodeR
     return [h.ref for h in hits]
 
 
-def objectives(cfg: SteerSection) -> tuple[str, ...]:
-    """The objectives whose measured paths are searched: ``cfg.objective``, or both of
-    them for ``both`` (``select: calibrated`` then samples prefixes of each path)."""
-    return ("log_prob", "rate") if cfg.objective == "both" else (cfg.objective,)
-
-
 def measured_path(
     cache: CodeCache,
     topic: Topic,
@@ -263,7 +257,7 @@ def calibrated_codes(
     no codes (and no index)."""
     contexts = sample_blocks(codec, prompts, held_out.texts, int(cache.manifest["seq_len"]))
     tried: list[tuple[CalibrationPoint, list[CodeRef]]] = []
-    for objective in objectives(cfg):
+    for objective in cfg.objectives():
         found = measured_path(cache, topic, cfg, contexts, cfg.explore_cost, objective)
         if found is not None:
             points = calibrate_path(model, codec, prompts, topic, cfg, held_out, found, objective)
