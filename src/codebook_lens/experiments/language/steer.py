@@ -257,10 +257,13 @@ def calibrated_codes(
     no codes (and no index)."""
     contexts = sample_blocks(codec, prompts, held_out.texts, int(cache.manifest["seq_len"]))
     tried: list[tuple[CalibrationPoint, list[CodeRef]]] = []
+    sampled: dict[tuple[CodeRef, ...], tuple[float, float]] = {}  # shared by the paths
     for objective in cfg.objectives():
         found = measured_path(cache, topic, cfg, contexts, cfg.explore_cost, objective)
         if found is not None:
-            points = calibrate_path(model, codec, prompts, topic, cfg, held_out, found, objective)
+            points = calibrate_path(
+                model, codec, prompts, topic, cfg, held_out, found, objective, sampled
+            )
             tried += [(p, found.codes[: p.codes]) for p in points]
     points = [p for p, _ in tried]
     within = [i for i, p in enumerate(points) if p.cost <= cfg.max_cost]
@@ -279,27 +282,38 @@ def calibrate_path(
     held_out: Unsteered,
     found: TopicCodes,
     objective: str,
+    sampled: dict[tuple[CodeRef, ...], tuple[float, float]] | None = None,
 ) -> list[CalibrationPoint]:
     """The prefixes of one measured path sampled from the held-out seeds (see
-    :func:`calibrated_codes`)."""
+    :func:`calibrated_codes`). ``sampled``: the share and cost of code sets already
+    sampled (the samples depend on the codes and the seeds only), filled in here, so that
+    a prefix that two paths share is sampled once."""
+    sampled = {} if sampled is None else sampled
 
     def sample(i: int) -> CalibrationPoint:
-        texts = generate(
-            model,
-            prompts,
-            codec,
-            samples=cfg.calibration_samples,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            seed=cfg.seed + cfg.calibration_seed,
-            intervention=Intervention(found.codes[: i + 1], mode=cfg.mode, strength=cfg.strength),
-        )
+        codes = tuple(found.codes[: i + 1])
+        if codes not in sampled:
+            texts = generate(
+                model,
+                prompts,
+                codec,
+                samples=cfg.calibration_samples,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                seed=cfg.seed + cfg.calibration_seed,
+                intervention=Intervention(list(codes), mode=cfg.mode, strength=cfg.strength),
+            )
+            sampled[codes] = (
+                topic_share([t for row in texts for t in row], topic.words),
+                fluency_cost(_nll(model, codec, prompts, texts), held_out.nll),
+            )
+        share, cost = sampled[codes]
         return CalibrationPoint(
             codes=i + 1,
             predicted_cost=found.path[i].cost,
             predicted_rate=found.path[i].topic_rate,
-            share=topic_share([t for row in texts for t in row], topic.words),
-            cost=fluency_cost(_nll(model, codec, prompts, texts), held_out.nll),
+            share=share,
+            cost=cost,
             objective=objective,
         )
 
