@@ -39,9 +39,10 @@ def test_predicted_seconds_by_hand():
     assert B.groups(cfg) == 8
     # forward passes, in tokens: quality (5 * 32 eval + 2 * 16 ablation batches of
     # 32 x 128), the cache six times (200,000 tokens), and per topic a fixed amount and
-    # 8 candidates of 8 heads twice over 10 prompts x 10 samples x (32 + 4) tokens
+    # 8 candidates of 8 heads twice (alone, and on the one path) over 10 prompts x 10
+    # samples x (32 + 4) tokens, at most 16 blocks of 128 (steer.measure_blocks)
     quality = (5 * 32 + 2 * 16) * 32 * 128
-    selection = 6 * B.TOPIC_FORWARDS + 6 * 2 * 8 * 8 * (10 * 10 * 36)
+    selection = 6 * B.TOPIC_FORWARDS + 6 * 2 * 8 * 8 * min(10 * 10 * 36, 16 * 128)
     assert B.measure_forwards(cfg, 10, 6) == quality + 6 * 200_000 + selection
     step, forward, sample = 2.0, 0.6, 0.5
     train = 1000 + B.CODEBOOK_STEP * 200
@@ -73,10 +74,11 @@ def test_predicted_seconds_by_hand():
     assert B.sampling_batches(calibrated, 10, 6) == pytest.approx(130 + 10 * 0.5 * (1 + 24))
     half_paths = 6 * B.TOPIC_FORWARDS + 6 * 2 * 8 * 8 * (10 * 5 * 36)
     assert B.measure_forwards(calibrated, 10, 6) == quality + 6 * 200_000 + half_paths
-    # objective: both measures and samples two paths per topic
+    # objective: both measures and samples two paths per topic (the candidates alone
+    # once for both)
     both = _cfg(*points, "steer.objective=both")
     assert B.sampling_batches(both, 10, 6) == pytest.approx(130 + 10 * 0.5 * (1 + 2 * 24))
-    two_paths = 6 * B.TOPIC_FORWARDS + 6 * 2 * 2 * 8 * 8 * (10 * 5 * 36)
+    two_paths = 6 * B.TOPIC_FORWARDS + 6 * 3 * 8 * 8 * (10 * 5 * 36)
     assert B.measure_forwards(both, 10, 6) == quality + 6 * 200_000 + two_paths
 
 

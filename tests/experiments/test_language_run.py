@@ -194,7 +194,7 @@ def test_calibrated_selection_keeps_the_best_prefix_within_budget(files):
     assert held_out.texts == again
     codes, tried, kept = calibrated_codes(model, codec, cache, prompts, boats, s, held_out)
     # the path the prefixes come from: the measured selection on the held-out samples
-    blocks = sample_blocks(codec, prompts, held_out.texts, cfg.data.seq_len)
+    blocks = sample_blocks(codec, prompts, held_out.texts, cfg.data.seq_len, s.measure_blocks)
     path = measured_topic_codes(
         cache,
         boats.words,
@@ -513,3 +513,42 @@ def test_both_objectives_need_the_calibrated_selection():
     assert load_lm_config("tiny", ["steer.objective=both"]).steer.objective == "both"
     with pytest.raises(ConfigError, match="steer.objective"):
         load_lm_config("tiny", ["steer.objective=both", "steer.select=measured"])
+
+
+def test_samples_longer_than_the_network_are_refused_before_training(files, tmp_path, capsys):
+    root, overrides = files
+    out = tmp_path / "run"
+    # the tiny network has 32 positions; "In May" after the boats passage is 17 tokens of
+    # the tiny tokenizer, so 30 new tokens cannot fit, and 15 could
+    code = main(
+        ["lm", "--preset", "tiny", "--out", str(out), *overrides, "steer.max_new_tokens=30"]
+    )
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "steer.max_new_tokens=30" in err and "data.seq_len=32" in err and "at most 15" in err
+    assert (out / "tokenizer").exists() and not (out / "base").exists()
+
+
+class _Codec:
+    """Characters as token ids, EOS 0: a stream of samples one can count by hand."""
+
+    eos_id = 0
+
+    def encode(self, text):
+        return [ord(c) for c in text], None
+
+
+def test_sample_blocks_by_hand():
+    prompts, texts = ["ab", "c"], [["cde", "f"], ["ghijk"]]
+    # the stream: abcde 0 abf 0 cghijk 0 = 17 tokens, blocks of 4 (the last token left)
+    stream = [*b"abcde", 0, *b"abf", 0, *b"cghijk", 0]
+    blocks = sample_blocks(_Codec(), prompts, texts, 4)
+    assert blocks.tolist() == [stream[i : i + 4] for i in range(0, 16, 4)]
+    assert sample_blocks(_Codec(), prompts, texts, 5).tolist() == [
+        stream[i : i + 5] for i in range(0, 15, 5)
+    ]
+    # at most 2 blocks: the first and the last, evenly spaced along the stream
+    capped = sample_blocks(_Codec(), prompts, texts, 4, max_blocks=2)
+    assert capped.tolist() == [stream[0:4], stream[12:16]]
+    assert sample_blocks(_Codec(), prompts, texts, 4, max_blocks=9).tolist() == blocks.tolist()
+    assert sample_blocks(_Codec(), prompts, texts, 18) is None

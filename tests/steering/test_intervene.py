@@ -487,6 +487,32 @@ def test_generate_is_seeded_and_leaves_the_global_rng_alone(loaded):
     assert greedy[0][0] == greedy[0][1]
 
 
+def test_prompts_of_different_lengths_sample_together_as_alone(loaded, monkeypatch):
+    import codebook_lens.steering.sampling as sampling
+
+    # greedy decoding: a prompt's continuation in a left-padded batch is the one it gets
+    # alone, with and without an intervention (its positions count from the prompt)
+    prompts = [*PROMPTS, "the"]
+    lengths = {len(loaded.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts}
+    assert len(lengths) == 3, "the prompts must differ in length"
+    intervention = Intervention(["layer1_mlp:3"], mode="append", positions=slice(2, None))
+    for iv in (None, intervention):
+        together = generate(loaded, prompts, max_new_tokens=6, temperature=0, intervention=iv)
+        alone = [
+            generate(loaded, [p], max_new_tokens=6, temperature=0, intervention=iv)[0]
+            for p in prompts
+        ]
+        assert together == alone
+    # batches of at most MAX_ROWS samples, each prompt whole, in order
+    monkeypatch.setattr(sampling, "MAX_ROWS", 4)
+    assert sampling._batches(prompts, 2) == [prompts[:2], prompts[2:]]
+    assert sampling._batches(prompts, 5) == [[p] for p in prompts]
+    split = generate(loaded, prompts, samples=2, max_new_tokens=6, seed=5)
+    assert [len(row) for row in split] == [2, 2, 2]
+    # the first batch is drawn with the seed of a call that holds only its prompts
+    assert split[:2] == generate(loaded, prompts[:2], samples=2, max_new_tokens=6, seed=5)
+
+
 def test_steering_eval_counts_and_saves_what_it_sampled(loaded, tmp_path):
     settings = dict(samples=4, max_new_tokens=8, seed=1)
     baseline = generate(loaded, PROMPTS, **settings)

@@ -151,3 +151,31 @@ def test_measured_topic_codes_by_rate(cache):
         previous = step.topic_rate
     with pytest.raises(SearchError, match="objective"):
         measured_topic_codes(cache, WORDS, objective="share")
+
+
+def test_a_search_reuses_the_forcings_another_measured(cache, monkeypatch):
+    import codebook_lens.steering.topic_codes as tc
+
+    args = dict(candidates_per_group=3, target_rate=0.5, max_cost=0.5, blocks=2, min_count=2)
+    alone = measured_topic_codes(cache, WORDS, objective="rate", **args)
+    calls = []
+    real = tc.forced_log_probs
+
+    def counted(model, contexts, codes, mode="replace_last", strength=1.0):
+        calls.append(tuple(sorted(codes)))
+        return real(model, contexts, codes, mode, strength)
+
+    monkeypatch.setattr(tc, "forced_log_probs", counted)
+    measured: dict = {}
+    first = measured_topic_codes(cache, WORDS, objective="log_prob", measured=measured, **args)
+    second = measured_topic_codes(cache, WORDS, objective="rate", measured=measured, **args)
+    # every code set measured once per search, and the second search measured only the
+    # sets the first one had not (each search measures the unforced model itself)
+    forced = [c for c in calls if c]
+    assert len(forced) == len(set(forced)) == len(measured)
+    assert all(len(c) == 1 for c in forced[: len(first.candidates)])
+    # the shared measurements change nothing: the same path as a search of its own
+    assert second.codes == alone.codes
+    steps = [(f.topic_rate, f.topic_log_prob, f.cost) for f in second.path]
+    assert steps == [(f.topic_rate, f.topic_log_prob, f.cost) for f in alone.path]
+    assert second.candidates == alone.candidates

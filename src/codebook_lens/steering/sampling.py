@@ -1,8 +1,10 @@
 """Sampling text under an intervention, and topic steering evaluation.
 
 :func:`generate` samples text continuations (optionally under an
-:class:`~codebook_lens.steering.intervene.Intervention`), all samples of a prompt in one batch, seeded per prompt so that results repeat and a
-steered run draws the same random numbers as its baseline. Steering
+:class:`~codebook_lens.steering.intervene.Intervention`) of many prompts in one batch
+(left padded, up to :data:`MAX_ROWS` samples; the intervention counts positions from each
+prompt's first token), seeded per batch so that results repeat and a steered run draws
+the same random numbers as its baseline. Steering
 (:func:`steering_eval`) follows the protocol of Tamkin et al. (2023, Table 3): sample
 continuations of several prompts with and without the topic codes forced on (by
 default at every position, the prompt's included) and count the continuations that
@@ -48,8 +50,11 @@ def _as_codec(codec: TextCodec | Any) -> TextCodec:
     return codec if isinstance(codec, TextCodec) else HFCodec(codec)
 
 
-def _prompt_seed(seed: int, index: int) -> int:
-    """The sampling seed of the ``index``-th prompt (the same with or without intervention)."""
+MAX_ROWS = 256  # samples drawn in one batch: a batch's step costs little more than a row's
+
+
+def _batch_seed(seed: int, index: int) -> int:
+    """The sampling seed of the ``index``-th batch (the same with or without intervention)."""
     return (seed * 1_000_003 + index) % (1 << 63)
 
 
@@ -100,12 +105,24 @@ def check_lengths(
 
 
 def _sample(
-    model: CodebookModel, codec: TextCodec, prompt: str, samples: int, sampling: Sampling, seed: int
-) -> list[str]:
-    """``samples`` continuations of one prompt, sampled in one batch with ``seed``."""
-    ids = _prompt_ids(codec, prompt)
+    model: CodebookModel,
+    codec: TextCodec,
+    prompts: Sequence[str],
+    samples: int,
+    sampling: Sampling,
+    seed: int,
+) -> list[list[str]]:
+    """``samples`` continuations of each of ``prompts``, sampled in one batch with
+    ``seed``: every prompt's ids left padded to the longest, with an attention mask, so
+    each row is sampled as it would be alone (to rounding)."""
+    ids = [_prompt_ids(codec, prompt) for prompt in prompts]
+    width = max(len(row) for row in ids)
+    eos = codec.eos_id
+    pad = eos if eos is not None else 0
     device = next(model.parameters()).device
-    inputs = torch.tensor([ids] * samples, device=device)
+    rows = [[pad] * (width - len(row)) + row for row in ids for _ in range(samples)]
+    masks = [[0] * (width - len(row)) + [1] * len(row) for row in ids for _ in range(samples)]
+    inputs = torch.tensor(rows, device=device)
     options: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens}
     if sampling.temperature > 0:
         options.update(
@@ -116,24 +133,29 @@ def _sample(
         )
     else:
         options["do_sample"] = False
-    eos = codec.eos_id
-    pad = eos if eos is not None else 0
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
         out = model.generate(
             inputs,
-            attention_mask=torch.ones_like(inputs),
+            attention_mask=torch.tensor(masks, device=device),
             eos_token_id=eos,
             pad_token_id=pad,
             **options,
         )
     texts = []
-    for row in out[:, len(ids) :].tolist():
+    for row in out[:, width:].tolist():
         if eos is not None and eos in row:
             row = row[: row.index(eos)]
         texts.append(codec.decode(row))
-    return texts
+    return [texts[i * samples : (i + 1) * samples] for i in range(len(prompts))]
+
+
+def _batches(prompts: Sequence[str], samples: int) -> list[list[str]]:
+    """``prompts`` in order, cut into batches of at most :data:`MAX_ROWS` samples (at
+    least one prompt each)."""
+    per = max(1, MAX_ROWS // samples)
+    return [list(prompts[i : i + per]) for i in range(0, len(prompts), per)]
 
 
 def generate(
@@ -153,10 +175,10 @@ def generate(
 
     ``model`` is a :class:`Loaded` (its codec is used) or a CodebookModel with ``codec``
     (a TextCodec or a fast transformers tokenizer). Prompts are encoded without special
-    tokens. The samples of one prompt are one batch, drawn with a seed derived from
-    ``seed`` and the prompt's index, so results repeat exactly and a run with an
-    intervention draws the same random numbers as one without. The caller's RNG state
-    is left untouched.
+    tokens. The prompts' samples are drawn in batches of up to :data:`MAX_ROWS` (left
+    padded), each with a seed derived from ``seed`` and the batch's index, so results
+    repeat exactly and a run with an intervention draws the same random numbers as one
+    without. The caller's RNG state is left untouched.
     """
     cbm, text_codec = _resolve(model, codec)
     if isinstance(prompts, str):
@@ -170,11 +192,11 @@ def generate(
         if intervention is not None
         else contextlib.nullcontext()
     )
+    texts: list[list[str]] = []
     with context:
-        return [
-            _sample(cbm, text_codec, p, samples, sampling, _prompt_seed(seed, i))
-            for i, p in enumerate(prompts)
-        ]
+        for i, batch in enumerate(_batches(prompts, samples)):
+            texts += _sample(cbm, text_codec, batch, samples, sampling, _batch_seed(seed, i))
+    return texts
 
 
 # ----------------------------------------------------------------------------------------
@@ -328,13 +350,12 @@ def steering_eval(
     sampling = Sampling(max_new_tokens, temperature, top_p, top_k)
     check_lengths(cbm, text_codec, prompts, max_new_tokens)
     baseline, steered = [], []
-    for i, prompt in enumerate(tqdm(prompts, desc="steering", unit="prompt", disable=not progress)):
-        prompt_seed = _prompt_seed(seed, i)
-        baseline.append(_sample(cbm, text_codec, prompt, samples_per_prompt, sampling, prompt_seed))
+    batches = _batches(prompts, samples_per_prompt)
+    for i, batch in enumerate(tqdm(batches, desc="steering", unit="batch", disable=not progress)):
+        batch_seed = _batch_seed(seed, i)
+        baseline += _sample(cbm, text_codec, batch, samples_per_prompt, sampling, batch_seed)
         with apply_intervention(cbm, intervention):
-            steered.append(
-                _sample(cbm, text_codec, prompt, samples_per_prompt, sampling, prompt_seed)
-            )
+            steered += _sample(cbm, text_codec, batch, samples_per_prompt, sampling, batch_seed)
     settings = {
         "samples_per_prompt": samples_per_prompt,
         "max_new_tokens": max_new_tokens,

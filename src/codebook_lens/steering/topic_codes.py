@@ -127,6 +127,7 @@ def measured_topic_codes(
     mode: str = "replace_last",
     strength: float = 1.0,
     objective: str = "log_prob",
+    measured: dict[tuple[CodeRef, ...], Forcing] | None = None,
 ) -> TopicCodes:
     """The codes to force for the topic of ``words`` (see the module docstring).
 
@@ -135,7 +136,9 @@ def measured_topic_codes(
     first blocks). Measured on ``contexts`` (``(B, T)`` token ids, e.g. the model's own
     samples), or else on the cache's last ``blocks`` blocks. At most ``max_per_group``
     codes per (codebook, head) are chosen (by default k, the codebook's own number of
-    slots, as ``replace_last`` allows).
+    slots, as ``replace_last`` allows). ``measured``: the forcings of code sets already
+    measured on the same contexts, for the same words, mode and strength (e.g. by a
+    search with the other objective), filled in here; a set in it is not measured again.
     """
     if not 0.0 < target_rate < 1.0:
         raise SearchError(f"target_rate must be in (0, 1), got {target_rate}")
@@ -176,8 +179,14 @@ def measured_topic_codes(
     plain = forced_log_probs(model, contexts, [], mode, strength)
     before = forcing_of(plain, plain, ids)
 
+    memo = {} if measured is None else measured
+
     def measure(codes: Sequence[CodeRef]) -> Forcing:
-        return forcing_of(forced_log_probs(model, contexts, codes, mode, strength), plain, ids)
+        key = tuple(sorted(codes))  # forcing a set: the order does not matter
+        if key not in memo:
+            logp = forced_log_probs(model, contexts, codes, mode, strength)
+            memo[key] = forcing_of(logp, plain, ids)
+        return memo[key]
 
     scored = []
     for ref in candidates:

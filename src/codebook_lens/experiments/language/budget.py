@@ -4,7 +4,7 @@ CPUs of one kind of machine differ by a factor of about three on this workload (
 2-core AMD EPYC with AVX-512 trained the cpu preset's base at 9,300 tokens/s, one with
 AVX2 only at 3,400). A preset with ``budget_minutes`` set is sized for a fast machine;
 before training, :func:`fit_budget` times the base network's training step, its
-forward pass and the sampling of one prompt on this machine, predicts the whole run
+forward pass and the sampling of the prompts on this machine, predicts the whole run
 with the cost model below, and when the prediction passes the budget scales the
 training stages' steps (and their warm-up, freeze, eval and checkpoint cadences): the
 base's by a factor ``s`` and the
@@ -25,8 +25,9 @@ training step's time per token, the unit the constants were fitted in): the qual
 batches through :data:`QUALITY_PASSES` models (the ablation batches through two),
 every cached token :data:`CACHE_PASSES` times (the cache and the regexes' two passes
 over it, codes and neurons), and per topic :data:`TOPIC_FORWARDS` (first-order effects
-over the cache, topic rates, scoring) plus every candidate code twice over the
-measuring contexts (alone and on the greedy path) for a selection that measures them;
+over the cache, topic rates, scoring) plus, for a selection that measures them, every
+candidate code over the measuring contexts once alone (shared by the paths) and once
+more per path (on its greedy path);
 steering's sampling costs :data:`SAMPLE_OVERHEAD` times its timed sampling (the samples are scored
 too). The constants were fitted to the cpu preset's stage times on the AVX-512 machine
 (docs/results/language.md) and checked against the same run on an AVX2 machine.
@@ -68,7 +69,7 @@ class Budget:
 
     minutes: float
     step_seconds: float  # one base training step here
-    sample_seconds: float  # one prompt's samples (samples_per_prompt x max_new_tokens)
+    sample_seconds: float  # one prompt's share of sampling every prompt in one batch
     predicted_minutes: float  # the run at full size, predicted
     scale: float  # the factor applied to the base's steps (1: full size)
     forward_seconds: float | None = None  # a forward pass of FORWARD_ROWS sequences
@@ -139,17 +140,18 @@ def time_forward(
     return seconds
 
 
-def time_sampling(net, codec, prompt: str, samples: int, max_new_tokens: int) -> float:
-    """Seconds to draw ``samples`` continuations of ``max_new_tokens`` tokens of one
-    prompt from ``net`` (a :class:`CodebookModel`; ``codec`` as
-    :func:`~codebook_lens.steering.sampling.generate` takes it)."""
+def time_sampling(net, codec, prompts: list[str], samples: int, max_new_tokens: int) -> float:
+    """Seconds per prompt to draw ``samples`` continuations of ``max_new_tokens`` tokens
+    of every one of ``prompts`` from ``net`` (a :class:`CodebookModel`; ``codec`` as
+    :func:`~codebook_lens.steering.sampling.generate` takes it), which samples them in
+    one batch: the time of that batch over the number of prompts."""
     t0 = time.perf_counter()
-    generate(net, [prompt], codec, samples=samples, max_new_tokens=max_new_tokens, seed=0)
-    return time.perf_counter() - t0
+    generate(net, prompts, codec, samples=samples, max_new_tokens=max_new_tokens, seed=0)
+    return (time.perf_counter() - t0) / max(len(prompts), 1)
 
 
 def sampling_batches(cfg: LMExperimentConfig, prompts: int, topics: int) -> float:
-    """The steering measurement's sampling, in batches of one prompt's
+    """The steering measurement's sampling, in units of one prompt's
     ``samples_per_prompt`` samples: the unsteered samples, and per topic the steered and
     the primed ones, plus the calibration's held-out ones (``select: calibrated``)."""
     s = cfg.steer
@@ -176,11 +178,11 @@ def measure_forwards(cfg: LMExperimentConfig, prompts: int, topics: int) -> floa
     block = cfg.codebook.batch_size * cfg.data.seq_len
     quality = (QUALITY_PASSES * m.eval_batches + 2 * m.ablation_batches) * block
     samples = s.calibration_samples if s.select == "calibrated" else s.samples_per_prompt
-    context = prompts * samples * (s.max_new_tokens + 4)
+    context = min(prompts * samples * (s.max_new_tokens + 4), s.measure_blocks * cfg.data.seq_len)
     selection = topics * TOPIC_FORWARDS
     if s.select in ("measured", "calibrated"):
         paths = len(s.objectives())
-        selection += topics * 2 * paths * s.candidates_per_group * groups(cfg) * context
+        selection += topics * (1 + paths) * s.candidates_per_group * groups(cfg) * context
     return quality + CACHE_PASSES * m.cache_tokens + selection
 
 
@@ -312,7 +314,7 @@ def fit_budget(
     stamp.write_text(json.dumps({"config": unscaled, "budget": budget.to_dict()}, indent=2))
     log(
         f"budget: a base step takes {step:.2f} s here, a forward pass of {FORWARD_ROWS} "
-        f"sequences {forward:.2f} s, one prompt's samples {sample:.2f} s; "
+        f"sequences {forward:.2f} s, samples {sample:.2f} s per prompt; "
         f"the run at full size is predicted to take {budget.predicted_minutes:.0f} min"
         + (
             ""

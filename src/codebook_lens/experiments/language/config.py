@@ -285,8 +285,11 @@ class SteerSection:
     objective: typing.Literal["log_prob", "rate", "both"] = "log_prob"
     target_rate: float = 0.03
     max_cost: float = 0.5
-    # measure forcing on the unsteered samples of the prompts, or on the cache's text
+    # measure forcing on the unsteered samples of the prompts, or on the cache's text;
+    # on at most `measure_blocks` blocks of the samples (evenly spaced along them): every
+    # candidate is a forward pass over them, and longer samples would make more
     measure_on: typing.Literal["samples", "cache"] = "samples"
+    measure_blocks: int = 16
     # select: calibrated (codebook_lens.experiments.language.steer.calibrated_codes): the
     # measured path runs up to a predicted cost of `explore_cost`; up to
     # `calibration_points` of its prefixes are sampled, `calibration_samples` per prompt,
@@ -314,7 +317,7 @@ class SteerSection:
         all_finite("steer", self)
         at_least("steer", self, 1, "window", "min_count", "codes_per_codebook", "effect_batches")
         at_least("steer", self, 1, "samples_per_prompt", "max_new_tokens", "effect_candidates")
-        at_least("steer", self, 1, "calibration_points", "calibration_samples")
+        at_least("steer", self, 1, "calibration_points", "calibration_samples", "measure_blocks")
         require(self.explore_cost > 0, "steer.explore_cost", self.explore_cost, "> 0")
         require(self.mode in MODES, "steer.mode", self.mode, f"one of {', '.join(MODES)}")
         ok = 0 < self.max_frequency <= 1

@@ -64,7 +64,7 @@ METRIC_KEYS = {
     "budget.step_seconds": "one base training step on this machine, as timed for the budget",
     "budget.forward_seconds": "a forward pass of 32 sequences on this machine, as timed (the "
     "measurements' cost per token)",
-    "budget.sample_seconds": "one prompt's steering samples on this machine, as timed",
+    "budget.sample_seconds": "steering samples per prompt (one batch of every prompt, over the prompts), as timed",
     "budget.predicted_minutes": "the run at full size, as the budget's cost model predicted",
     "seconds.<stage>": "wall-clock time of each stage (tokenizer, base, codebook, control, "
     "quality, cache, regex, steer)",

@@ -282,6 +282,26 @@ def cache_documents(cfg: LMExperimentConfig) -> Iterator[str]:
     return iter(docs)
 
 
+def check_sample_lengths(cfg: LMExperimentConfig, tokenizer, prompts, topics) -> None:
+    """Refuse, before any training, steering samples that a network from scratch (of
+    ``data.seq_len`` positions) could not hold: the longest prompt, or primed prompt (a
+    topic's passage before a prompt, :func:`~.steer.primed_share`), plus
+    ``steer.max_new_tokens`` new tokens."""
+    if cfg.net.source != "scratch":
+        return  # a pretrained network's positions are checked when it samples
+    texts = list(prompts) + [
+        f"{t.text.strip()} {p}" for t in topics if t.text.strip() for p in prompts
+    ]
+    longest = max(max(len(tokenizer(t, add_special_tokens=False).input_ids), 1) for t in texts)
+    need = longest + cfg.steer.max_new_tokens
+    if need > cfg.data.seq_len:
+        raise ConfigError(
+            f"steer.max_new_tokens={cfg.steer.max_new_tokens} after the longest (primed) prompt"
+            f" of {longest} tokens needs {need} positions; the network has data.seq_len="
+            f"{cfg.data.seq_len}: lower steer.max_new_tokens to at most {cfg.data.seq_len - longest}"
+        )
+
+
 def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
     """Run the experiment into ``out``; returns the flat metrics (also in metrics.json)."""
     from transformers.utils import logging as hf_logging
@@ -296,6 +316,7 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     tokenizer = tokenizer_stage(cfg, out, log)
+    check_sample_lengths(cfg, tokenizer, prompts, topics)
     data = token_data(cfg, tokenizer)
     embeddings = base_embeddings(cfg, data, len(tokenizer), log)
     seconds["tokenizer"] = time.perf_counter() - t0
@@ -309,7 +330,7 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
         try:
             s = cfg.steer
             sample = time_sampling(
-                wrapped, tokenizer, prompts[0], s.samples_per_prompt, s.max_new_tokens
+                wrapped, tokenizer, prompts, s.samples_per_prompt, s.max_new_tokens
             )
         finally:
             wrapped.remove_hooks()

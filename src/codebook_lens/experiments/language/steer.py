@@ -62,10 +62,16 @@ def per_group(refs: Sequence[CodeRef], n: int) -> list[CodeRef]:
 
 
 def sample_blocks(
-    codec: TextCodec, prompts: Sequence[str], texts: Sequence[Sequence[str]], seq_len: int
+    codec: TextCodec,
+    prompts: Sequence[str],
+    texts: Sequence[Sequence[str]],
+    seq_len: int,
+    max_blocks: int | None = None,
 ):
     """The prompts and their samples as one token stream (EOS between samples), cut into
-    blocks of ``seq_len`` tokens: the model's own text, to measure forcing on."""
+    blocks of ``seq_len`` tokens: the model's own text, to measure forcing on. With
+    ``max_blocks``, at most that many blocks, evenly spaced along the stream (so every
+    prompt's samples stay represented)."""
     stream: list[int] = []
     for prompt, row in zip(prompts, texts, strict=True):
         for text in row:
@@ -75,7 +81,10 @@ def sample_blocks(
     count = len(stream) // seq_len
     if count == 0:
         return None
-    return torch.tensor(stream[: count * seq_len]).view(count, seq_len)
+    blocks = torch.tensor(stream[: count * seq_len]).view(count, seq_len)
+    if max_blocks is not None and count > max_blocks:
+        blocks = blocks[torch.linspace(0, count - 1, max_blocks).round().long()]
+    return blocks
 
 
 def _word_codes(cache: CodeCache, topic: Topic, cfg: SteerSection) -> list[CodeRef] | None:
@@ -102,10 +111,12 @@ def measured_path(
     contexts,
     max_cost: float,
     objective: str | None = None,
+    measured: dict | None = None,
 ) -> TopicCodes | None:
     """:func:`measured_topic_codes` with ``cfg``'s settings (its objective, unless
     ``objective`` is given) up to ``max_cost``; ``None`` when the topic has no candidate
-    (no topic word starts with a token of its own, or no code qualifies)."""
+    (no topic word starts with a token of its own, or no code qualifies). ``measured``:
+    forcings already measured on ``contexts`` (see :func:`measured_topic_codes`)."""
     try:
         return measured_topic_codes(
             cache,
@@ -119,6 +130,7 @@ def measured_path(
             mode=cfg.mode,
             strength=cfg.strength,
             objective=objective or cfg.objective,
+            measured=measured,
         )
     except SearchError:
         return None
@@ -255,11 +267,13 @@ def calibrated_codes(
     those of every path whose measured fluency cost is at most ``cfg.max_cost`` is kept
     (the cheaper one on a tie), with its index among the prefixes tried. None qualifies:
     no codes (and no index)."""
-    contexts = sample_blocks(codec, prompts, held_out.texts, int(cache.manifest["seq_len"]))
+    seq_len = int(cache.manifest["seq_len"])
+    contexts = sample_blocks(codec, prompts, held_out.texts, seq_len, cfg.measure_blocks)
     tried: list[tuple[CalibrationPoint, list[CodeRef]]] = []
     sampled: dict[tuple[CodeRef, ...], tuple[float, float]] = {}  # shared by the paths
+    measured: dict = {}  # ... and so are the forcings measured on the contexts
     for objective in cfg.objectives():
-        found = measured_path(cache, topic, cfg, contexts, cfg.explore_cost, objective)
+        found = measured_path(cache, topic, cfg, contexts, cfg.explore_cost, objective, measured)
         if found is not None:
             points = calibrate_path(
                 model, codec, prompts, topic, cfg, held_out, found, objective, sampled
@@ -473,7 +487,10 @@ def steer_topic(
         )
     else:
         # the measured selection reads the model's own samples, or else the cache's text
-        contexts = blocks if cfg.select == "measured" and cfg.measure_on == "samples" else None
+        contexts = None
+        if cfg.select == "measured" and cfg.measure_on == "samples":
+            seq_len = int(cache.manifest["seq_len"])
+            contexts = sample_blocks(codec, prompts, unsteered.texts, seq_len, cfg.measure_blocks)
         codes = select_codes(cache, topic, cfg, contexts)
     rate, forced_rate = topic_rates(model, codec, blocks, topic.words, codes, cfg)
     steered_texts, steered = unsteered.texts, unsteered.nll
