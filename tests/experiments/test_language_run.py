@@ -17,6 +17,7 @@ from codebook_lens.cache.store import CodeCache
 from codebook_lens.cli.main import main
 from codebook_lens.core.loading import load_codebook_model
 from codebook_lens.core.refs import CodeRef
+from codebook_lens.data.tokenizer import load_tokenizer
 from codebook_lens.experiments.language.config import ConfigError, load_lm_config, stage_config
 from codebook_lens.experiments.language.files import load_topics
 from codebook_lens.experiments.language.measures import topic_share
@@ -35,6 +36,7 @@ from codebook_lens.experiments.language.steer import (
     bisect_prefixes,
     calibrated_codes,
     path_points,
+    primed_passage,
     sample_blocks,
     sample_unsteered,
 )
@@ -518,15 +520,46 @@ def test_both_objectives_need_the_calibrated_selection():
 def test_samples_longer_than_the_network_are_refused_before_training(files, tmp_path, capsys):
     root, overrides = files
     out = tmp_path / "run"
-    # the tiny network has 32 positions; "In May" after the boats passage is 17 tokens of
-    # the tiny tokenizer, so 30 new tokens cannot fit, and 15 could
+    # the tiny network has 32 positions: 32 new tokens cannot follow any prompt
     code = main(
-        ["lm", "--preset", "tiny", "--out", str(out), *overrides, "steer.max_new_tokens=30"]
+        ["lm", "--preset", "tiny", "--out", str(out), *overrides, "steer.max_new_tokens=32"]
     )
     assert code != 0
     err = capsys.readouterr().err
-    assert "steer.max_new_tokens=30" in err and "data.seq_len=32" in err and "at most 15" in err
+    tokenizer = load_tokenizer(out / "tokenizer")
+    longest = max(len(tokenizer(p, add_special_tokens=False).input_ids) for p in ["The", "In May"])
+    assert "steer.max_new_tokens=32" in err and "data.seq_len=32" in err
+    assert f"at most {32 - longest}" in err
     assert (out / "tokenizer").exists() and not (out / "base").exists()
+
+
+def test_a_primed_passage_keeps_the_last_words_that_fit(files):
+    root, overrides = files
+    out = root / "run"
+    if not (out / "cache" / "manifest.json").exists():
+        run(load_lm_config("tiny", overrides), out, log=lambda line: None)
+    loaded = load_codebook_model(out / "codebook" / "model")
+    model, codec = loaded.model, loaded.codec
+    prompts = ["The", "In May"]
+    passage = "a small boat on the water near the shore of the sea"
+
+    def need(text):
+        return max(len(codec.encode(f"{text} {p}")[0]) for p in prompts)
+
+    room = 32 - need(passage)  # the new tokens the whole passage leaves room for
+    if room >= 1:
+        assert primed_passage(model, codec, passage, prompts, room) == passage
+    cut = 0
+    for new in range(max(room + 1, 1), 32):
+        kept = primed_passage(model, codec, passage, prompts, new)
+        assert passage.endswith(kept) and kept != passage
+        if kept:
+            cut += 1
+            assert need(kept) + new <= 32
+            # one more word would not fit
+            assert need(" ".join(passage.split()[-len(kept.split()) - 1 :])) + new > 32
+    assert cut, "some cut of the passage fits"
+    assert primed_passage(model, codec, passage, prompts, 31) == ""
 
 
 class _Codec:

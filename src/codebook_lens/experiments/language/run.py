@@ -282,22 +282,19 @@ def cache_documents(cfg: LMExperimentConfig) -> Iterator[str]:
     return iter(docs)
 
 
-def check_sample_lengths(cfg: LMExperimentConfig, tokenizer, prompts, topics) -> None:
+def check_sample_lengths(cfg: LMExperimentConfig, tokenizer, prompts) -> None:
     """Refuse, before any training, steering samples that a network from scratch (of
-    ``data.seq_len`` positions) could not hold: the longest prompt, or primed prompt (a
-    topic's passage before a prompt, :func:`~.steer.primed_share`), plus
-    ``steer.max_new_tokens`` new tokens."""
+    ``data.seq_len`` positions) could not hold: the longest prompt plus
+    ``steer.max_new_tokens`` new tokens. (A topic's passage before the prompts, for the
+    primed share, is cut to its last words that fit: :func:`~.steer.primed_passage`.)"""
     if cfg.net.source != "scratch":
         return  # a pretrained network's positions are checked when it samples
-    texts = list(prompts) + [
-        f"{t.text.strip()} {p}" for t in topics if t.text.strip() for p in prompts
-    ]
-    longest = max(max(len(tokenizer(t, add_special_tokens=False).input_ids), 1) for t in texts)
+    longest = max(max(len(tokenizer(p, add_special_tokens=False).input_ids), 1) for p in prompts)
     need = longest + cfg.steer.max_new_tokens
     if need > cfg.data.seq_len:
         raise ConfigError(
-            f"steer.max_new_tokens={cfg.steer.max_new_tokens} after the longest (primed) prompt"
-            f" of {longest} tokens needs {need} positions; the network has data.seq_len="
+            f"steer.max_new_tokens={cfg.steer.max_new_tokens} after the longest prompt of "
+            f"{longest} tokens needs {need} positions; the network has data.seq_len="
             f"{cfg.data.seq_len}: lower steer.max_new_tokens to at most {cfg.data.seq_len - longest}"
         )
 
@@ -316,7 +313,7 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     tokenizer = tokenizer_stage(cfg, out, log)
-    check_sample_lengths(cfg, tokenizer, prompts, topics)
+    check_sample_lengths(cfg, tokenizer, prompts)
     data = token_data(cfg, tokenizer)
     embeddings = base_embeddings(cfg, data, len(tokenizer), log)
     seconds["tokenizer"] = time.perf_counter() - t0

@@ -28,7 +28,7 @@ import torch
 from codebook_lens.analysis.search import SearchError, topic_codes
 from codebook_lens.analysis.topics import effect_topic_codes, topic_token_ids, word_topic_codes
 from codebook_lens.cache.store import CodeCache
-from codebook_lens.core.loading import TextCodec
+from codebook_lens.core.loading import TextCodec, context_length
 from codebook_lens.core.model import CodebookModel
 from codebook_lens.core.refs import CodeRef
 from codebook_lens.experiments.language.config import SteerSection
@@ -436,17 +436,35 @@ def sample_unsteered(
     return Unsteered(texts, _nll(model, codec, prompts, texts))
 
 
+def primed_passage(
+    model: CodebookModel, codec: TextCodec, passage: str, prompts: Sequence[str], new_tokens: int
+) -> str:
+    """``passage``, or its last words, as many as fit before every one of ``prompts`` (and
+    a space) with ``new_tokens`` to sample after them in the model's positions; empty
+    when no word fits."""
+    limit = context_length(model)
+    words = passage.split()
+    while words and limit is not None:
+        text = " ".join(words)
+        if all(len(codec.encode(f"{text} {p}")[0]) + new_tokens <= limit for p in prompts):
+            break
+        words = words[1:]
+    return " ".join(words)
+
+
 def primed_share(
     model: CodebookModel, codec: TextCodec, prompts: list[str], topic: Topic, cfg: SteerSection
 ) -> float | None:
     """Share on topic of unsteered samples (same prompts, seeds and lengths as the steering
-    measurement) when the topic's passage and a space precede every prompt; ``None`` for a
-    topic without a passage. Forcing codes can at most make the model write as if its
-    context were about the topic, so a low primed share bounds what steering through the
-    context can reach."""
+    measurement) when the topic's passage and a space precede every prompt (as much of
+    the passage's end as the model's positions hold, :func:`primed_passage`); ``None``
+    for a topic without a passage. Forcing codes can at most make the model write as if
+    its context were about the topic, so a low primed share bounds what steering through
+    the context can reach."""
     if not topic.text.strip():
         return None
-    primed = [f"{topic.text.strip()} {p}" for p in prompts]
+    passage = primed_passage(model, codec, topic.text.strip(), prompts, cfg.max_new_tokens)
+    primed = [f"{passage} {p}" if passage else p for p in prompts]
     texts = generate(
         model,
         primed,
