@@ -26,6 +26,7 @@ def _cfg(*overrides: str):
             "codebook.eval_every=50",
             "codebook.checkpoint_every=50",
             "codebook.control=false",
+            "steer.max_new_tokens=32",
             *overrides,
         ],
     )

@@ -369,10 +369,15 @@ def test_demo_preset_is_the_cpu_experiment_cut_down():
     # each fits its budget on the machine it runs on (training scaled down when needed)
     assert (cpu.budget_minutes, demo.budget_minutes) == (50, 12)
     # codes chosen by sampling prefixes of the measured path from held-out seeds, within
-    # 0.8 nats of measured fluency cost (the target allows 1)
+    # a margin of the target's 1 nat of measured fluency cost (the wider, the fewer
+    # held-out samples the cost is measured on)
     assert demo.steer.select == cpu.steer.select == "calibrated"
-    assert demo.steer.max_cost == cpu.steer.max_cost == 0.8
+    assert (demo.steer.max_cost, cpu.steer.max_cost) == (0.8, 0.9)
+    assert demo.steer.calibration_samples <= cpu.steer.calibration_samples
     assert demo.steer.calibration_points <= cpu.steer.calibration_points
+    # the same protocol: samples of the same length, as long as the positions allow
+    assert demo.steer.max_new_tokens == cpu.steer.max_new_tokens == 96
+    assert cpu.steer.max_new_tokens + 4 <= cpu.data.seq_len
     assert demo.steer.mode == cpu.steer.mode == "append"
     assert demo.steer.strength == cpu.steer.strength == 1.0
 
