@@ -27,6 +27,8 @@ def _cfg(*overrides: str):
             "codebook.checkpoint_every=50",
             "codebook.control=false",
             "steer.max_new_tokens=32",
+            "steer.search=ranked",
+            "steer.measure_blocks=16",
             *overrides,
         ],
     )
@@ -81,6 +83,10 @@ def test_predicted_seconds_by_hand():
     assert B.sampling_batches(both, 10, 6) == pytest.approx(130 + 10 * 0.5 * (1 + 2 * 24))
     two_paths = 6 * B.TOPIC_FORWARDS + 6 * 3 * 8 * 8 * (10 * 5 * 36)
     assert B.measure_forwards(both, 10, 6) == quality + 6 * 200_000 + two_paths
+    # a greedy search measures each candidate GREEDY_PASSES times per path
+    greedy = _cfg(*points, "steer.objective=both", "steer.search=greedy")
+    passes = 6 * B.TOPIC_FORWARDS + 6 * (1 + 2 * B.GREEDY_PASSES) * 8 * 8 * (10 * 5 * 36)
+    assert B.measure_forwards(greedy, 10, 6) == pytest.approx(quality + 6 * 200_000 + passes)
 
 
 def test_scaled_config_by_hand():

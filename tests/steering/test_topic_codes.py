@@ -11,12 +11,15 @@ from helpers import save_tiny_bpe_codebook_model, tiny_cache
 
 from codebook_lens.analysis.search import SearchError
 from codebook_lens.analysis.topics import topic_token_ids
+from codebook_lens.core.refs import CodeRef
 from codebook_lens.steering.intervene import Intervention, apply_intervention
 from codebook_lens.steering.topic_codes import (
     Forcing,
     forced_log_probs,
     forcing_of,
+    greedy_path,
     measured_topic_codes,
+    ranked_path,
 )
 
 WORDS = ["boat", "apple", "tree"]
@@ -179,3 +182,131 @@ def test_a_search_reuses_the_forcings_another_measured(cache, monkeypatch):
     steps = [(f.topic_rate, f.topic_log_prob, f.cost) for f in second.path]
     assert steps == [(f.topic_rate, f.topic_log_prob, f.cost) for f in alone.path]
     assert second.candidates == alone.candidates
+
+
+def _table_measure(table: dict[frozenset, tuple[float, float]], names: dict):
+    """A measure from a table of code sets (by the codes' ``names``) to (gain of the
+    topic log-probability, cost)."""
+
+    def measure(codes):
+        gain, cost = table[frozenset(names[c] for c in codes)]
+        return Forcing(topic_rate=1e-4, topic_log_prob=-10.0 + gain, cost=cost)
+
+    return measure
+
+
+BEFORE = Forcing(topic_rate=1e-4, topic_log_prob=-10.0, cost=0.0)
+
+
+def test_greedy_takes_the_complement_where_the_ranking_takes_the_redundant_code():
+    # A and B push the same words (together barely more than A), C pushes others: alone,
+    # A gains 2 per nat, B 1.8 and C 1.5; with A chosen, B adds 0.2 and C 1.5
+    table = {
+        frozenset("A"): (2.0, 1.0),
+        frozenset("B"): (1.8, 1.0),
+        frozenset("C"): (1.5, 1.0),
+        frozenset("AB"): (2.2, 2.0),
+        frozenset("AC"): (3.5, 2.0),
+        frozenset("BC"): (3.3, 2.0),
+        frozenset("ABC"): (3.6, 3.0),
+    }
+    a, b, c = CodeRef("h0", 0), CodeRef("h1", 0), CodeRef("h2", 0)
+    measure = _table_measure(table, {a: "A", b: "B", c: "C"})
+    room = lambda ref: 4  # noqa: E731
+    codes, path = ranked_path([a, b, c], measure, BEFORE, "log_prob", 0.5, 2.0, room)
+    assert codes == [a, b] and path[-1].topic_log_prob == pytest.approx(-7.8)
+    codes, path = greedy_path([a, b, c], measure, BEFORE, "log_prob", 0.5, 2.0, room)
+    assert codes == [a, c] and path[-1].topic_log_prob == pytest.approx(-6.5)
+    assert [f.cost for f in path] == [1.0, 2.0]
+    # without a cost limit both end with all three, each in its own order
+    assert ranked_path([a, b, c], measure, BEFORE, "log_prob", 0.5, 9.0, room)[0] == [a, b, c]
+    assert greedy_path([a, b, c], measure, BEFORE, "log_prob", 0.5, 9.0, room)[0] == [a, c, b]
+    # a full group takes no more codes: with A and C in one group with room for one
+    # code, the greedy path takes A, then B
+    a2, c2 = CodeRef("h0", 0), CodeRef("h0", 1)
+    measure = _table_measure(table, {a2: "A", b: "B", c2: "C"})
+    assert greedy_path([a2, b, c2], measure, BEFORE, "log_prob", 0.5, 9.0, lambda r: 1)[0] == [
+        a2,
+        b,
+    ]
+    # the search stops once the topic rate reaches the target: none is forced when the
+    # model already meets it
+    met = Forcing(topic_rate=0.6, topic_log_prob=-1.0, cost=0.0)
+    assert greedy_path(
+        [a, b, c], _table_measure(table, {a: "A", b: "B", c: "C"}), met, "log_prob", 0.5, 9.0, room
+    ) == ([], [])
+
+
+def _brute_force_greedy(candidates, measure, before, objective, target_rate, max_cost, room):
+    """Every remaining candidate measured against the chosen set at every step."""
+    chosen, path, after = [], [], before
+    left = list(candidates)
+    while left and after.topic_rate < target_rate:
+        best = None
+        for ref in left:
+            if sum(c.group == ref.group and c.codebook == ref.codebook for c in chosen) >= room(
+                ref
+            ):
+                continue
+            trial = measure([*chosen, ref])
+            if trial.cost > max_cost or trial.score(objective) <= after.score(objective):
+                continue
+            gain = trial.score(objective) - after.score(objective)
+            ratio = gain / max(trial.cost - after.cost, 1e-3)
+            if best is None or ratio > best[0]:
+                best = (ratio, ref, trial)
+        if best is None:
+            break
+        chosen.append(best[1])
+        path.append(best[2])
+        left.remove(best[1])
+        after = best[2]
+    return chosen, path
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_lazy_greedy_path_is_the_brute_force_one_where_returns_diminish(seed):
+    # the objective is concave in a sum of weights (sqrt) and costs add up, so a code's
+    # gain per cost only falls as the set grows: the lazy search must find the path that
+    # measures every candidate at every step, with fewer measurements
+    rng = np.random.default_rng(seed)
+    n = 12
+    weights = rng.uniform(0.1, 2.0, n)
+    costs = rng.uniform(0.05, 0.5, n)
+    refs = [CodeRef(f"cb{i % 3}", i, i % 2) for i in range(n)]
+    index = {r: i for i, r in enumerate(refs)}
+
+    def measure(codes, log=None):
+        if log is not None:
+            log.append(1)
+        w = sum(weights[index[c]] for c in codes)
+        rate = 1e-4 * (1 + w)
+        return Forcing(rate, -10.0 + math.sqrt(w), float(sum(costs[index[c]] for c in codes)))
+
+    lazy_log, brute_log = [], []
+    room = lambda ref: 2  # noqa: E731
+    target = 1e-4 * (1 + 0.7 * weights.sum())
+    lazy = greedy_path(refs, lambda c: measure(c, lazy_log), BEFORE, "log_prob", target, 1.5, room)
+    brute = _brute_force_greedy(
+        refs, lambda c: measure(c, brute_log), BEFORE, "log_prob", target, 1.5, room
+    )
+    assert lazy[0] == brute[0] and len(lazy[0]) >= 2
+    assert [f.cost for f in lazy[1]] == pytest.approx([f.cost for f in brute[1]])
+    assert len(lazy_log) < len(brute_log)
+    # every step within the budget and the group limits, the objective rising
+    assert all(f.cost <= 1.5 for f in lazy[1])
+    scores = [BEFORE.topic_log_prob] + [f.topic_log_prob for f in lazy[1]]
+    assert all(b > a for a, b in zip(scores[:-1], scores[1:], strict=True))
+
+
+def test_measured_topic_codes_by_either_search(cache):
+    args = dict(candidates_per_group=3, target_rate=0.5, max_cost=0.5, blocks=2, min_count=2)
+    greedy = measured_topic_codes(cache, WORDS, **args)
+    ranked = measured_topic_codes(cache, WORDS, search="ranked", **args)
+    # the same candidates, measured alone, feed both searches
+    assert greedy.candidates == ranked.candidates and greedy.codes and ranked.codes
+    # the greedy path's first code is the best candidate alone (gain per cost), as the
+    # ranked one's is
+    assert greedy.codes[0] == ranked.codes[0]
+    with pytest.raises(SearchError, match="search"):
+        measured_topic_codes(cache, WORDS, search="beam", **args)

@@ -26,8 +26,9 @@ batches through :data:`QUALITY_PASSES` models (the ablation batches through two)
 every cached token :data:`CACHE_PASSES` times (the cache and the regexes' two passes
 over it, codes and neurons), and per topic :data:`TOPIC_FORWARDS` (first-order effects
 over the cache, topic rates, scoring) plus, for a selection that measures them, every
-candidate code over the measuring contexts once alone (shared by the paths) and once
-more per path (on its greedy path);
+candidate code over the measuring contexts once alone (shared by the paths) and, per
+path, once more on a ``ranked`` search or :data:`GREEDY_PASSES` times on a ``greedy``
+one (which measures its leading candidates again after each addition);
 steering's sampling costs :data:`SAMPLE_OVERHEAD` times its timed sampling (the samples are scored
 too). The constants were fitted to the cpu preset's stage times on the AVX-512 machine
 (docs/results/language.md) and checked against the same run on an AVX2 machine.
@@ -59,6 +60,9 @@ QUALITY_PASSES = 5
 CACHE_PASSES = 6
 TOPIC_FORWARDS = 330_000
 SAMPLE_OVERHEAD = 1.5
+# measurements per candidate of a greedy path (steer.search: greedy): 3.7 and 2.7 on the
+# two paths of a topic of the cpu preset's model (docs/results/language.md)
+GREEDY_PASSES = 3.5
 FORWARD_ROWS = 32  # the block whose forward pass is timed: 32 sequences
 MIN_SCALE = 0.05  # below this share of its steps a stage trains too little to measure
 
@@ -181,8 +185,8 @@ def measure_forwards(cfg: LMExperimentConfig, prompts: int, topics: int) -> floa
     context = min(prompts * samples * (s.max_new_tokens + 4), s.measure_blocks * cfg.data.seq_len)
     selection = topics * TOPIC_FORWARDS
     if s.select in ("measured", "calibrated"):
-        paths = len(s.objectives())
-        selection += topics * (1 + paths) * s.candidates_per_group * groups(cfg) * context
+        passes = len(s.objectives()) * (GREEDY_PASSES if s.search == "greedy" else 1)
+        selection += topics * (1 + passes) * s.candidates_per_group * groups(cfg) * context
     return quality + CACHE_PASSES * m.cache_tokens + selection
 
 

@@ -283,6 +283,10 @@ class SteerSection:
     # mean (codebook_lens.steering.topic_codes); `both` (select: calibrated only): a path
     # for each, the calibration samples prefixes of both and keeps the best
     objective: typing.Literal["log_prob", "rate", "both"] = "log_prob"
+    # how the path is built: `greedy` adds, at each step, the candidate that gains the most
+    # per fluency cost given the codes chosen so far; `ranked` adds candidates in the
+    # order of what each gains alone (codebook_lens.steering.topic_codes)
+    search: typing.Literal["greedy", "ranked"] = "greedy"
     target_rate: float = 0.03
     max_cost: float = 0.5
     # measure forcing on the unsteered samples of the prompts, or on the cache's text;

@@ -131,6 +131,7 @@ def measured_path(
             strength=cfg.strength,
             objective=objective or cfg.objective,
             measured=measured,
+            search=cfg.search,
         )
     except SearchError:
         return None
