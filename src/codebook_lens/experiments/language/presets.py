@@ -145,6 +145,7 @@ PRESETS: dict[str, dict] = {
             "max_cost": 0.8,
             "mode": "append",
             "max_new_tokens": 96,
+            "measure_blocks": 8,  # as the cpu preset's greedy path
         },
     },
     # SmolLM2-135M (the offline asset) as it is, with codebooks on the attention heads of
