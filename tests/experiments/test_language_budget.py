@@ -138,9 +138,16 @@ def test_fit_budget_scales_to_the_budget_and_a_rerun_reuses_the_factor(tmp_path)
     # a rerun of the same settings reuses the factor without timing anything
     again, reused = B.fit_budget(cfg, tmp_path, measure, 10, 6, 0.0, logged.append)
     assert calls == [1] and reused == budget and again.base.steps == fitted.base.steps
-    # other settings: timed again
+    # other topics or steering settings: the trained stages' factor, nothing timed
+    other = _cfg("budget_minutes=50", "steer.topic_file=/elsewhere.yaml", "measure.min_count=5")
+    again, reused = B.fit_budget(other, tmp_path, measure, 10, 9, 0.0, logged.append)
+    assert calls == [1] and reused == budget and again.base.steps == fitted.base.steps
+    assert again.steer.topic_file == "/elsewhere.yaml" and "trained stages are kept" in logged[-1]
+    # other training settings: timed again
     B.fit_budget(_cfg("budget_minutes=600"), tmp_path, measure, 10, 6, 0.0, logged.append)
     assert calls == [1, 1]
+    B.fit_budget(_cfg("budget_minutes=50", "base.lr=0.01"), tmp_path, measure, 10, 6, 0.0, print)
+    assert calls == [1, 1, 1]
 
 
 def test_fit_budget_without_a_budget_or_with_room_to_spare(tmp_path):

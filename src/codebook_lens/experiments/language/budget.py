@@ -34,7 +34,8 @@ too). The constants were fitted to the cpu preset's stage times on the AVX-512 m
 (docs/results/language.md) and checked against the same run on an AVX2 machine.
 
 The factor is written to ``budget.json`` in the run directory and reused by a rerun
-with the same settings, so a rerun finds its trained stages whatever it times.
+with the same training settings (its measurements' settings may differ), so a rerun
+finds its trained stages whatever it would time.
 """
 
 from __future__ import annotations
@@ -269,6 +270,18 @@ def fitting_scale(seconds: Callable[[float], float], available: float) -> float:
     return low / 1000
 
 
+MEASUREMENT_SECTIONS = ("measure", "steer")
+
+
+def training_settings(settings: dict) -> dict:
+    """A config's settings (as :func:`~codebook_lens.training.config.to_dict` writes
+    them) less the measurements' sections (:data:`MEASUREMENT_SECTIONS`): what decides the
+    trained stages. A rerun that changes only the measurements (other topics, other
+    regexes, other steering settings) keeps the factor its run was trained with, so it
+    measures the models already trained rather than timing and training anew."""
+    return {k: v for k, v in settings.items() if k not in MEASUREMENT_SECTIONS}
+
+
 def fit_budget(
     cfg: LMExperimentConfig,
     out: Path,
@@ -282,20 +295,25 @@ def fit_budget(
     measured; ``cfg`` as it is without a budget. ``measure()`` returns the seconds of one
     base training step, of one forward pass of :data:`FORWARD_ROWS` sequences and of one
     prompt's samples on this machine (:func:`time_base_step`, :func:`time_forward` and
-    :func:`time_sampling`; not called when ``budget.json``
-    holds the factor of a run with the same settings); ``spent_seconds`` is the time the
-    run has spent already (tokenizer and data)."""
+    :func:`time_sampling`; not called when ``budget.json`` holds the factor of a run
+    with the same training settings, :func:`training_settings`); ``spent_seconds`` is the
+    time the run has spent already (tokenizer and data)."""
     if cfg.budget_minutes is None:
         return cfg, None
     stamp = out / "budget.json"
     unscaled = to_dict(cfg)
     if stamp.exists():
         saved = json.loads(stamp.read_text())
-        if saved.get("config") == unscaled:
+        if training_settings(saved.get("config", {})) == training_settings(unscaled):
             budget = Budget(**saved["budget"])  # runs before forward timing: None
+            changed = (
+                ""
+                if saved.get("config") == unscaled
+                else ("; only the measurements' settings changed, so the trained stages are kept")
+            )
             log(
                 f"budget: reusing the factor {budget.scale:.3f} measured for this run "
-                f"(predicted {budget.predicted_minutes:.1f} min at full size)"
+                f"(predicted {budget.predicted_minutes:.1f} min at full size){changed}"
             )
             return scaled(cfg, budget.scale), budget
     step, forward, sample = measure()

@@ -90,10 +90,11 @@ PRESETS: dict[str, dict] = {
         # the path is the greedy one (steer.search: greedy), each step the candidate that
         # gains the most per fluency cost given the codes already chosen, where it was the
         # candidates in the order of what each gains alone: on the model of the run before,
-        # six topics not in topics.yaml went from 2 of 6 steered (weather 27%, fire 97%,
-        # plants 70%, sickness 13%, school 5%, crime 11%) to ... ; it measures each
-        # candidate about 3.5 times per path, so it measures on 8 blocks of the held-out
-        # samples (16 before)
+        # the six topics of topics-heldout.yaml went from 2 of 6 steered (weather 27%, fire
+        # 97%, plants 70%, sickness 13%, school 5%, crime 11%) to 3 of 6 (weather 82%, fire
+        # 99%, plants 99%, sickness 14%, school 20%, crime 10%); it measures each candidate
+        # about 3.5 times per path, so it measures on 8 blocks of the held-out samples (16
+        # before)
         "steer": {
             "select": "calibrated",
             "objective": "both",

@@ -49,6 +49,33 @@ from codebook_lens.steering.topic_codes import (
 )
 
 
+def sample_texts(
+    model: CodebookModel,
+    codec: TextCodec,
+    prompts: Sequence[str],
+    cfg: SteerSection,
+    codes: Sequence[CodeRef] = (),
+    held_out: bool = False,
+) -> list[list[str]]:
+    """Samples of every prompt as the steering measurement draws them (``cfg``'s length,
+    temperature, count and seed), with ``codes`` forced at ``cfg``'s mode and strength
+    (none: unsteered); ``held_out``: the calibration's count and seeds instead of the
+    measurement's."""
+    intervention = None
+    if codes:
+        intervention = Intervention(list(codes), mode=cfg.mode, strength=cfg.strength)
+    return generate(
+        model,
+        list(prompts),
+        codec,
+        samples=cfg.calibration_samples if held_out else cfg.samples_per_prompt,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        seed=cfg.seed + cfg.calibration_seed if held_out else cfg.seed,
+        intervention=intervention,
+    )
+
+
 def per_group(refs: Sequence[CodeRef], n: int) -> list[CodeRef]:
     """The first ``n`` of ``refs`` (in the order given) of every (codebook, group)."""
     taken: dict[tuple[str, int], int] = {}
@@ -308,16 +335,7 @@ def calibrate_path(
     def sample(i: int) -> CalibrationPoint:
         codes = tuple(found.codes[: i + 1])
         if codes not in sampled:
-            texts = generate(
-                model,
-                prompts,
-                codec,
-                samples=cfg.calibration_samples,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                seed=cfg.seed + cfg.calibration_seed,
-                intervention=Intervention(list(codes), mode=cfg.mode, strength=cfg.strength),
-            )
+            texts = sample_texts(model, codec, prompts, cfg, codes, held_out=True)
             sampled[codes] = (
                 topic_share([t for row in texts for t in row], topic.words),
                 fluency_cost(_nll(model, codec, prompts, texts), held_out.nll),
@@ -425,15 +443,7 @@ def sample_unsteered(
     """Sample every prompt without intervention, as
     :func:`codebook_lens.steering.sampling.steering_eval` does; ``held_out``: from the
     calibration's seeds and counts instead of the measurement's."""
-    texts = generate(
-        model,
-        prompts,
-        codec,
-        samples=cfg.calibration_samples if held_out else cfg.samples_per_prompt,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        seed=cfg.seed + cfg.calibration_seed if held_out else cfg.seed,
-    )
+    texts = sample_texts(model, codec, prompts, cfg, held_out=held_out)
     return Unsteered(texts, _nll(model, codec, prompts, texts))
 
 
@@ -466,15 +476,7 @@ def primed_share(
         return None
     passage = primed_passage(model, codec, topic.text.strip(), prompts, cfg.max_new_tokens)
     primed = [f"{passage} {p}" if passage else p for p in prompts]
-    texts = generate(
-        model,
-        primed,
-        codec,
-        samples=cfg.samples_per_prompt,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        seed=cfg.seed,
-    )
+    texts = sample_texts(model, codec, primed, cfg)
     return topic_share([t for row in texts for t in row], topic.words)
 
 
@@ -514,16 +516,7 @@ def steer_topic(
     rate, forced_rate = topic_rates(model, codec, blocks, topic.words, codes, cfg)
     steered_texts, steered = unsteered.texts, unsteered.nll
     if codes:
-        steered_texts = generate(
-            model,
-            prompts,
-            codec,
-            samples=cfg.samples_per_prompt,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            seed=cfg.seed,
-            intervention=Intervention(codes, mode=cfg.mode, strength=cfg.strength),
-        )
+        steered_texts = sample_texts(model, codec, prompts, cfg, codes)
         steered = _nll(model, codec, prompts, steered_texts)
     baseline = unsteered.nll
     return TopicResult(
