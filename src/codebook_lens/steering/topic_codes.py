@@ -79,6 +79,35 @@ def _ratio(trial: Forcing, current: Forcing, objective: str) -> float:
     return gain / max(trial.cost - current.cost, MIN_COST)
 
 
+class _Path:
+    """The codes chosen so far, the :class:`Forcing` after each addition, and the
+    acceptance rules both searches share."""
+
+    def __init__(self, before: Forcing, objective: str, max_cost: float, room) -> None:
+        self.codes: list[CodeRef] = []
+        self.steps: list[Forcing] = []
+        self.after = before
+        self.objective, self.max_cost, self.room = objective, max_cost, room
+        self.per_group: dict[tuple[str, int], int] = {}
+
+    def full(self, ref: CodeRef) -> bool:
+        return self.per_group.get((ref.codebook, ref.group), 0) >= self.room(ref)
+
+    def raises(self, trial: Forcing) -> bool:
+        """The set measured as ``trial`` stays within the cost and raises the objective."""
+        return trial.cost <= self.max_cost and trial.score(self.objective) > self.after.score(
+            self.objective
+        )
+
+    def add(self, ref: CodeRef, trial: Forcing) -> None:
+        self.codes.append(ref)
+        self.steps.append(trial)
+        self.per_group[(ref.codebook, ref.group)] = (
+            self.per_group.get((ref.codebook, ref.group), 0) + 1
+        )
+        self.after = trial
+
+
 def ranked_path(
     ranked: Sequence[CodeRef],
     measure: Measure,
@@ -93,24 +122,16 @@ def ranked_path(
     ``room(code)`` chosen codes, until the topic rate reaches ``target_rate``. Returns
     the chosen codes and the :class:`Forcing` of the set after each addition (measured
     by ``measure``; ``before``: the model as it is)."""
-    chosen: list[CodeRef] = []
-    path: list[Forcing] = []
-    per_group: dict[tuple[str, int], int] = {}
-    after = before
+    path = _Path(before, objective, max_cost, room)
     for ref in ranked:
-        if after.topic_rate >= target_rate:
+        if path.after.topic_rate >= target_rate:
             break
-        key = (ref.codebook, ref.group)
-        if per_group.get(key, 0) >= room(ref):
+        if path.full(ref):
             continue
-        trial = measure([*chosen, ref])
-        if trial.cost > max_cost or trial.score(objective) <= after.score(objective):
-            continue
-        chosen.append(ref)
-        path.append(trial)
-        per_group[key] = per_group.get(key, 0) + 1
-        after = trial
-    return chosen, path
+        trial = measure([*path.codes, ref])
+        if path.raises(trial):
+            path.add(ref, trial)
+    return path.codes, path.steps
 
 
 def greedy_path(
@@ -122,12 +143,11 @@ def greedy_path(
     max_cost: float,
     room: Callable[[CodeRef], int],
 ) -> tuple[list[CodeRef], list[Forcing]]:
-    """The greedy path over ``candidates``: each step adds the candidate whose addition
-    to the codes chosen so far gains the most of the objective per fluency cost it adds
+    """The greedy path over ``candidates`` (arguments and returns as
+    :func:`ranked_path`): each step adds the candidate whose addition to the codes
+    chosen so far gains the most of the objective per fluency cost it adds
     (:func:`_ratio`), as measured by ``measure`` on the set with it, until the topic rate
-    reaches ``target_rate`` or no candidate raises the objective within ``max_cost``
-    (with at most ``room(code)`` codes per (codebook, group)). Same returns as
-    :func:`ranked_path`.
+    reaches ``target_rate`` or no candidate raises the objective within ``max_cost``.
 
     Lazily evaluated: a candidate's ratio measured against an earlier set stands as its
     estimate; the candidate with the largest estimate is measured against the current
@@ -136,31 +156,24 @@ def greedy_path(
     the greedy path that measures every candidate at every step, in far fewer passes. A
     candidate that no longer raises the objective, passes ``max_cost`` or finds its group
     full is dropped."""
-    chosen: list[CodeRef] = []
-    path: list[Forcing] = []
-    per_group: dict[tuple[str, int], int] = {}
-    after = before
-    # (-ratio, order, code, step it was measured at, forcing of chosen + code)
+    path = _Path(before, objective, max_cost, room)
+    # (-ratio, order, code, codes chosen when it was measured, forcing of them + code)
     heap = []
     for order, ref in enumerate(candidates):
         trial = measure([ref])
         heap.append((-_ratio(trial, before, objective), order, ref, 0, trial))
     heapq.heapify(heap)
-    while heap and after.topic_rate < target_rate:
+    while heap and path.after.topic_rate < target_rate:
         _, order, ref, step, trial = heapq.heappop(heap)
-        if per_group.get((ref.codebook, ref.group), 0) >= room(ref):
+        if path.full(ref):
             continue
-        if step < len(chosen):  # an estimate against an earlier set: measure again
-            trial = measure([*chosen, ref])
-            heapq.heappush(heap, (-_ratio(trial, after, objective), order, ref, len(chosen), trial))
-            continue
-        if trial.cost > max_cost or trial.score(objective) <= after.score(objective):
-            continue
-        chosen.append(ref)
-        path.append(trial)
-        per_group[(ref.codebook, ref.group)] = per_group.get((ref.codebook, ref.group), 0) + 1
-        after = trial
-    return chosen, path
+        if step < len(path.codes):  # an estimate against an earlier set: measure again
+            trial = measure([*path.codes, ref])
+            ratio = _ratio(trial, path.after, objective)
+            heapq.heappush(heap, (-ratio, order, ref, len(path.codes), trial))
+        elif path.raises(trial):
+            path.add(ref, trial)
+    return path.codes, path.steps
 
 
 @torch.no_grad()
