@@ -4,6 +4,7 @@ scan of the cache."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import numpy as np
@@ -13,11 +14,13 @@ from helpers import corpus_text, save_tiny_bpe_codebook_model, save_tiny_codeboo
 
 from codebook_lens.analysis.search import SearchError
 from codebook_lens.analysis.topics import (
+    TopicTokens,
     ahead_of,
     code_gradients,
     effect_topic_codes,
+    first_tokens,
     topic_logit,
-    topic_token_ids,
+    topic_tokens,
     word_topic_codes,
     words_ahead,
     words_pattern,
@@ -135,30 +138,94 @@ def bpe_cache(tmp_path_factory):
 BPE_WORDS = ["boat", "apple", "tree"]
 
 
-def test_topic_token_ids_take_the_first_token_after_a_space(bpe_cache):
+def test_first_tokens_are_each_form_s_first_token_after_a_space(bpe_cache):
     codec = bpe_cache.model().codec
-    ids = topic_token_ids(codec, ["boat", "Apple", "xq"])
+    ids = first_tokens(codec, ["boat", "Apple", " "])
     expected = set()
     for form in ("boat", "Boat", "apple", "Apple"):
-        first = codec.encode(" " + form)[0][0]
-        if len(codec.decode([first]).strip()) >= 3:
-            expected.add(first)
-    assert set(ids) == expected and len(expected) >= 2
-    assert all(len(codec.decode([i]).strip()) >= 3 for i in ids)
-    with pytest.raises(SearchError, match="starts with a token of its own"):
-        topic_token_ids(codec, ["xq"])
+        encoded = codec.encode(" " + form)[0]
+        # where the space is a token of its own, the word starts with the next one
+        expected.add(encoded[1] if codec.decode([encoded[0]]) == " " else encoded[0])
+    assert ids == sorted(expected)
+    assert codec.encode(" boat")[0][0] in ids  # a word of the vocabulary: one token
+    assert all(codec.decode([i]).strip() for i in ids)
+
+
+def _brute_force_weights(cache, words):
+    """Each first token's weight by a scan of the cache with Python's ``re`` on the
+    documents' characters: (occurrences holding a topic word's first character + 1 if
+    the token spells a topic word) / (occurrences + 1)."""
+    codec = cache.model().codec
+    regex = re.compile(words_pattern(words).replace("(?i)", ""), re.IGNORECASE)
+    first = cache.doc_first_token()
+    tokens = np.asarray(cache.token_ids)
+    spelled = {w.lower() for w in words}
+    weights = {}
+    for i in first_tokens(codec, words):
+        n = starts = 0
+        for doc, text in enumerate(cache.docs):
+            begins = [m.start() for m in regex.finditer(text)]
+            for t in range(int(first[doc]), int(first[doc + 1])):
+                if tokens[t] == i:
+                    n += 1
+                    starts += any(cache.starts[t] <= b < cache.ends[t] for b in begins)
+        w = (starts + (codec.decode([i]).strip().lower() in spelled)) / (n + 1)
+        if w > 0:
+            weights[i] = w
+    return weights
+
+
+def test_topic_tokens_weigh_each_first_token_as_a_scan_of_the_cache_does(bpe_cache):
+    words = BPE_WORDS + ["boats", "xq"]
+    found = topic_tokens(bpe_cache, words)
+    expected = _brute_force_weights(bpe_cache, words)
+    assert dict(zip(found.ids, found.weights, strict=True)) == pytest.approx(expected)
+    # the words occur, so some token counts fully and none counts for nothing
+    assert max(found.weights) > 0.5 and min(found.weights) > 0
+    with pytest.raises(SearchError, match="occurs in the cache or is a token of its own"):
+        topic_tokens(bpe_cache, ["xqzv"])
+
+
+def test_topic_tokens_count_a_word_start_by_hand(cache):
+    # the tiny model writes a space and each letter as tokens of their own: "b" and "B"
+    # start the word, wherever they occur; the last document, "A small boat. The Boat,
+    # boats!", holds one of each ("boats" is not "boat")
+    codec = cache.model().codec
+    b, big_b = codec.encode("b")[0][0], codec.encode("B")[0][0]
+    assert first_tokens(codec, ["boat"]) == sorted([b, big_b])
+    found = topic_tokens(cache, ["boat"])
+    weights = dict(zip(found.ids, found.weights, strict=True))
+    tokens = np.asarray(cache.token_ids)
+    n_b, n_big = int((tokens == b).sum()), int((tokens == big_b).sum())
+    # every " b" before "boat" or "boats" of the corpus text and the last document
+    boat_starts = sum(len(re.findall(r"\bboat\b", d)) for d in DOCS)
+    big_starts = sum(len(re.findall(r"\bBoat\b", d)) for d in DOCS)
+    assert weights[b] == pytest.approx(boat_starts / (n_b + 1))
+    assert weights[big_b] == pytest.approx(big_starts / (n_big + 1))
+
+
+def test_topic_tokens_log_rate_by_hand():
+    tokens = TopicTokens((1, 3), (0.5, 0.25))
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    expected = [math.log(0.5 * 0.2 + 0.25 * 0.4), math.log(0.5 * 0.25 + 0.25 * 0.25)]
+    assert tokens.log_rate(p.log()).tolist() == pytest.approx(expected)
 
 
 def test_topic_logit_by_hand():
     logits = torch.tensor([[[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 4.0, 0.0]]])
+    even = TopicTokens((1, 3), (1.0, 1.0))
     # position 0: mean(2, 6) - mean(all) = 4 - 3 = 1; position 1: mean(0, 0) - 1 = -1
-    assert topic_logit(logits, [1, 3]).item() == pytest.approx(0.0)
-    assert topic_logit(logits[:, :1], [1, 3]).item() == pytest.approx(1.0)
+    assert topic_logit(logits, even).item() == pytest.approx(0.0)
+    assert topic_logit(logits[:, :1], even).item() == pytest.approx(1.0)
+    # weighted 3:1, position 0: (3 * 2 + 6) / 4 - 3 = 0
+    assert topic_logit(logits[:, :1], TopicTokens((1, 3), (0.75, 0.25))).item() == pytest.approx(
+        0.0
+    )
 
 
 def test_code_gradients_match_a_finite_difference(bpe_cache):
     model = bpe_cache.model().model
-    ids = [3, 5, 9]
+    ids = TopicTokens((3, 5, 9), (1.0, 0.5, 0.25))
     blocks = torch.from_numpy(np.asarray(bpe_cache.token_ids[:64], dtype=np.int64)).view(2, 32)
     grads = code_gradients(model, [blocks], ids)
     # the last codebook: nothing quantizes what it writes on its way to the logits (an
@@ -188,7 +255,7 @@ def test_effect_topic_codes_are_code_vectors_against_the_gradient(bpe_cache):
     cache = bpe_cache
     hits = effect_topic_codes(cache, BPE_WORDS, batches=1, batch_size=2, min_count=2, limit=None)
     model = cache.model().model
-    ids = topic_token_ids(cache.model().codec, BPE_WORDS)
+    ids = topic_tokens(cache, BPE_WORDS)
     blocks = torch.from_numpy(np.asarray(cache.token_ids[:64], dtype=np.int64)).view(2, 32)
     grads = code_gradients(model, [blocks], ids)
     for h in hits[:20]:

@@ -12,7 +12,7 @@ import torch
 from helpers import corpus_text, save_tiny_lm
 from transformers import AutoModelForCausalLM
 
-from codebook_lens.analysis.topics import topic_token_ids
+from codebook_lens.analysis.topics import topic_tokens
 from codebook_lens.cache.store import CodeCache
 from codebook_lens.cli.main import main
 from codebook_lens.core.loading import load_codebook_model
@@ -120,7 +120,8 @@ def test_tiny_preset_end_to_end_and_rerun(files, capsys):
     expected = topic_share([t for row in texts for t in row], ["boat", "boats"])
     assert boats["primed_share"] == pytest.approx(expected)
     assert metrics["steer.boats.primed_share"] == pytest.approx(expected)
-    # the topic rates: the probability that the next token starts a topic word, summed
+    # the topic rates: the probability that the next word is a topic word, its first
+    # tokens' probabilities weighted by how often each starts one in the cache, summed
     # from the softmax at every position of the unsteered samples (prompt and sample, EOS
     # between samples, cut into blocks), as the model is and with the codes forced
     unsteered = [row["baseline"] for row in boats["samples"]]
@@ -130,12 +131,13 @@ def test_tiny_preset_end_to_end_and_rerun(files, capsys):
             stream += loaded.codec.encode(prompt + text)[0] + [loaded.codec.eos_id]
     seq_len = cfg.data.seq_len
     blocks = torch.tensor(stream[: len(stream) // seq_len * seq_len]).view(-1, seq_len)
-    ids = topic_token_ids(loaded.codec, ["boat", "boats"])
+    tokens = topic_tokens(CodeCache.open(out / "cache"), ["boat", "boats"])
+    weights = torch.tensor(tokens.weights)
 
     def rate(forced):
         with torch.no_grad(), apply_intervention(loaded.model, Intervention(forced, mode=s.mode)):
             probs = loaded.model(blocks).logits.softmax(-1)
-        return float(probs[..., ids].sum(-1).mean())
+        return float((probs[..., list(tokens.ids)] * weights).sum(-1).mean())
 
     codes = [CodeRef.parse(c) for c in boats["codes"]]
     assert boats["topic_rate"] == pytest.approx(rate([]), rel=1e-4)

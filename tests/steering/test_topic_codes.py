@@ -10,7 +10,7 @@ import torch
 from helpers import save_tiny_bpe_codebook_model, tiny_cache
 
 from codebook_lens.analysis.search import SearchError
-from codebook_lens.analysis.topics import topic_token_ids
+from codebook_lens.analysis.topics import TopicTokens, topic_tokens
 from codebook_lens.core.refs import CodeRef
 from codebook_lens.steering.intervene import Intervention, apply_intervention
 from codebook_lens.steering.topic_codes import (
@@ -35,11 +35,11 @@ def cache(tmp_path_factory):
 def test_forcing_of_by_hand():
     plain = torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]).log()
     forced = torch.tensor([[[0.25, 0.5, 0.25], [0.1, 0.1, 0.8]]]).log()
-    same = forcing_of(plain, plain, [1])
+    same = forcing_of(plain, plain, TopicTokens((1,), (1.0,)))
     assert same.cost == pytest.approx(0.0, abs=1e-7)
     assert same.topic_rate == pytest.approx((0.25 + 0.1) / 2)
     assert same.topic_log_prob == pytest.approx((math.log(0.25) + math.log(0.1)) / 2)
-    f = forcing_of(forced, plain, [1])
+    f = forcing_of(forced, plain, TopicTokens((1,), (1.0,)))
     # position 0: tokens ~ (1/4, 1/2, 1/4) scored by (1/2, 1/4, 1/4), less the entropy of
     # (1/2, 1/4, 1/4); position 1: the same distribution, no cost
     cross = -(0.25 * math.log(0.5) + 0.5 * math.log(0.25) + 0.25 * math.log(0.25))
@@ -73,7 +73,7 @@ def test_measured_topic_codes_keep_their_promises(cache):
     assert {str(c) for c in found.codes} <= {c["code"] for c in found.candidates}
     assert all(c["gain"] > 0 for c in found.candidates)
     # the recorded effect of the chosen set is what forcing them together does
-    ids = topic_token_ids(cache.model().codec, WORDS)
+    ids = topic_tokens(cache, WORDS)
     seq = 32
     tokens = np.asarray(cache.token_ids, dtype=np.int64)
     held = torch.from_numpy(tokens[tokens.size - 2 * seq :].copy()).view(2, seq)
@@ -138,7 +138,7 @@ def test_measured_topic_codes_by_rate(cache):
         objective="rate",
     )
     assert found.codes
-    ids = topic_token_ids(cache.model().codec, WORDS)
+    ids = topic_tokens(cache, WORDS)
     tokens = np.asarray(cache.token_ids, dtype=np.int64)
     held = torch.from_numpy(tokens[tokens.size - 64 :].copy()).view(2, 32)
     plain = forced_log_probs(model, held, [])

@@ -12,6 +12,13 @@ themselves, related words, or a context that leads to them).
 Compared with :func:`codebook_lens.analysis.search.topic_codes` (codes that fire on a
 passage about the topic), this needs no hand-written passage and scores every code on
 the whole cache, so it carries over to any topic given as a list of words.
+
+What the model is about to write is read from its next-token distribution:
+:func:`topic_tokens` lists the tokens a topic word starts with and weighs each by the
+share of its cached occurrences that do start one (a small vocabulary splits most
+words, and `` st`` starts *storm* far less often than anything else), so that a weighted
+sum of their probabilities is the probability that the next word is a topic word.
+:func:`effect_topic_codes` ranks codes by their first-order effect on it.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from codebook_lens.analysis.search import SearchError, matching_tokens
+from codebook_lens.analysis.search import SearchError, compile_pattern, matching_tokens
 from codebook_lens.cache.store import CodeCache, code_counts
 from codebook_lens.core.model import CodebookModel
 from codebook_lens.core.refs import CodeRef
@@ -139,33 +146,113 @@ def word_topic_codes(
 # codes that make the model write the topic: their first-order effect
 
 
-def topic_token_ids(codec, words: Sequence[str]) -> list[int]:
-    """The tokens a topic word starts with in running text: the first token of each
-    word after a space, in lower case and capitalised (`` war``, `` War``). A first token
-    shorter than three characters (or than the word) is left out: it starts too many
-    other words to stand for the topic."""
+def first_tokens(codec, words: Sequence[str]) -> list[int]:
+    """The tokens a topic word can start with in running text: of each word after a
+    space, in lower case, capitalised and as given, the first token that holds more than
+    whitespace (`` war`` and `` War`` of a BPE vocabulary; ``w`` and ``W`` of one that
+    writes the space as a token of its own)."""
     ids: set[int] = set()
     for word in {w.strip() for w in words if w.strip()}:
         for form in {word.lower(), word.capitalize(), word}:
             encoded, _ = codec.encode(" " + form)
-            if encoded and len(codec.decode([encoded[0]]).strip()) >= min(3, len(form)):
-                ids.add(int(encoded[0]))
-    if not ids:
-        raise SearchError(f"no topic word starts with a token of its own: {list(words)!r}")
+            first = next((i for i in encoded if codec.decode([i]).strip()), None)
+            if first is not None:
+                ids.add(int(first))
     return sorted(ids)
 
 
-def topic_logit(logits: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
-    """Mean over positions of the topic tokens' mean logit minus the mean logit of the
-    whole vocabulary (``logits``: ``(B, T, V)``): how far the model favours the topic's
-    tokens over tokens in general. Unlike the topic's log-probability, it does not rise
-    when the model merely grows less certain of its prediction."""
+@dataclass(frozen=True)
+class TopicTokens:
+    """The tokens a topic word starts with, each weighted by the chance that, where the
+    token occurs, the word it starts is a topic word: ``rate(p) = sum_i weights[i] *
+    p[ids[i]]`` is then the probability that the next word is a topic word, given that
+    the word a token starts goes on as it does in the cached text. A first token shared
+    with many other words (`` less`` of *lesson*, `` st`` of *storm*) counts for little;
+    one that is the topic word itself (`` war``) counts fully."""
+
+    ids: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    def log_rate(self, logp: torch.Tensor) -> torch.Tensor:
+        """``log sum_i w_i p_i`` over the last axis of log-probabilities ``logp``."""
+        w = torch.tensor(self.weights, dtype=logp.dtype, device=logp.device)
+        return (logp[..., list(self.ids)] + w.log()).logsumexp(-1)
+
+    def to_dict(self, codec=None) -> dict[str, float]:
+        """``{token: weight}``, tokens as text when ``codec`` is given."""
+        name = (lambda i: codec.decode([i])) if codec is not None else str
+        return {name(i): w for i, w in zip(self.ids, self.weights, strict=True)}
+
+
+def word_start_counts(cache: CodeCache, words: Sequence[str], ids: Sequence[int]):
+    """For each of ``ids``: how often it occurs in the cache, and how often it holds the
+    first character of a topic word (a match of :func:`words_pattern`); two
+    ``(len(ids),)`` integer arrays."""
+    regex = compile_pattern(words_pattern(words))
+    docs, byte_starts, byte_ends = cache.utf8()
+    first = cache.doc_first_token()
+    tokens = np.asarray(cache.token_ids, dtype=np.int64)
+    starting = []
+    for doc, text in enumerate(docs):
+        lo, hi = int(first[doc]), int(first[doc + 1])
+        if hi <= lo:
+            continue
+        begins = np.array([m.start() for m in regex.finditer(text)], dtype=np.int64)
+        if begins.size:
+            # the token whose bytes hold the match's first byte
+            at = lo + np.searchsorted(byte_ends[lo:hi], begins, side="right")
+            at = at[at < hi]
+            starting.append(tokens[at[byte_starts[at] <= begins[: at.size]]])
+
+    def count(arr: np.ndarray) -> np.ndarray:
+        values, counts = np.unique(arr, return_counts=True)
+        found = dict(zip(values.tolist(), counts.tolist(), strict=True))
+        return np.array([found.get(int(i), 0) for i in ids], dtype=np.int64)
+
+    return count(tokens), count(np.concatenate(starting) if starting else tokens[:0])
+
+
+def topic_tokens(cache: CodeCache, words: Sequence[str]) -> TopicTokens:
+    """The :class:`TopicTokens` of ``words`` over ``cache``: every first token of a topic
+    word (:func:`first_tokens`), weighted by ``(starts + whole) / (occurrences + 1)``,
+    where ``starts`` counts its cached occurrences that start a topic word and ``whole``
+    is 1 when the token is itself a topic word (so a token the cache never holds counts
+    fully if it spells a topic word, and not at all otherwise). Tokens of weight 0 are
+    left out."""
+    codec = cache.model().codec
+    ids = first_tokens(codec, words)
+    if not ids:
+        raise SearchError(f"give at least one topic word, got {list(words)!r}")
+    total, starts = word_start_counts(cache, words, ids)
+    spelled = {w.strip().lower() for w in words if w.strip()}
+    kept, weights = [], []
+    for i, n, s in zip(ids, total, starts, strict=True):
+        whole = int(codec.decode([i]).strip().lower() in spelled)
+        w = (int(s) + whole) / (int(n) + 1)
+        if w > 0:
+            kept.append(i)
+            weights.append(w)
+    if not kept:
+        raise SearchError(
+            f"no topic word of {sorted(spelled)} occurs in the cache or is a token of its own"
+        )
+    return TopicTokens(tuple(kept), tuple(weights))
+
+
+def topic_logit(logits: torch.Tensor, tokens: TopicTokens) -> torch.Tensor:
+    """Mean over positions of the topic tokens' logits, averaged with their weights,
+    minus the mean logit of the whole vocabulary (``logits``: ``(B, T, V)``): how far
+    the model favours the topic's tokens over tokens in general. Unlike the topic's
+    log-probability, it does not rise when the model merely grows less certain of its
+    prediction."""
     logits = logits.float()
-    return (logits[..., list(ids)].mean(-1) - logits.mean(-1)).mean()
+    w = torch.tensor(tokens.weights, dtype=logits.dtype, device=logits.device)
+    topic = (logits[..., list(tokens.ids)] * w).sum(-1) / w.sum()
+    return (topic - logits.mean(-1)).mean()
 
 
 def code_gradients(
-    model: CodebookModel, batches: Sequence[torch.Tensor], ids: Sequence[int]
+    model: CodebookModel, batches: Sequence[torch.Tensor], tokens: TopicTokens
 ) -> dict[str, torch.Tensor]:
     """For every codebook, ``(G, d)``: the first-order change in
     :func:`topic_logit` when a vector is added to the codebook's output (the sum of
@@ -193,7 +280,7 @@ def code_gradients(
                 outputs.clear()
                 logits = model(ids_batch, use_cache=False).logits
                 keys = list(outputs)
-                found = torch.autograd.grad(topic_logit(logits, ids), [outputs[k] for k in keys])
+                found = torch.autograd.grad(topic_logit(logits, tokens), [outputs[k] for k in keys])
                 for key, g in zip(keys, found, strict=True):
                     cb = model.codebooks[key]
                     summed = g.detach().float().reshape(-1, cb.groups, cb.dim).sum(0)
@@ -226,10 +313,11 @@ def effect_topic_codes(
     min_count: int = 20,
     max_frequency: float = 0.05,
     limit: int | None = 50,
+    tokens: TopicTokens | None = None,
 ) -> list[EffectTopicHit]:
     """Codes ranked by their first-order effect on how much the model favours writing a
     topic word next (:func:`topic_logit` over the topic's first tokens,
-    :func:`topic_token_ids`): the dot product of each code vector with the gradient of
+    :func:`topic_tokens`, unless ``tokens`` are given): the dot product of each code vector with the gradient of
     that quantity at its codebook's output, averaged over the first ``batches``
     blocks of cached text. Forcing a code at every position adds its vector there, so
     this is the change it makes to first order. Only codes that fire at least
@@ -238,16 +326,17 @@ def effect_topic_codes(
     check_code_filter(min_count, max_frequency)
     loaded = cache.model()
     model = loaded.model
-    ids = topic_token_ids(loaded.codec, words)
+    if tokens is None:
+        tokens = topic_tokens(cache, words)
     seq_len = int(cache.manifest["seq_len"])
-    tokens = torch.from_numpy(np.asarray(cache.token_ids, dtype=np.int64))
-    rows = min(batches * batch_size, tokens.numel() // seq_len)
+    cached = torch.from_numpy(np.asarray(cache.token_ids, dtype=np.int64))
+    rows = min(batches * batch_size, cached.numel() // seq_len)
     if rows < 1:
         raise SearchError(f"the cache holds fewer than {seq_len} tokens")
-    blocks = tokens[: rows * seq_len].view(rows, seq_len)
+    blocks = cached[: rows * seq_len].view(rows, seq_len)
     device = next(model.parameters()).device
     parts = [blocks[i : i + batch_size].to(device) for i in range(0, rows, batch_size)]
-    grads = code_gradients(model, parts, ids)
+    grads = code_gradients(model, parts, tokens)
     hits: list[EffectTopicHit] = []
     for key, g in grads.items():
         cb = model.codebooks[key]

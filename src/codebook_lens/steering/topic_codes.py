@@ -7,7 +7,9 @@ also disturbs the model's other predictions. :func:`measured_topic_codes` theref
 measures, on contexts of text (the model's own samples, or cached text), what forcing
 does to the next-token distribution at every position:
 
-- the *topic rate*: the mean probability that the next token starts a topic word;
+- the *topic rate*: the mean probability that the next word is a topic word (each
+  token a topic word can start with, weighted by how often it starts one in the cached
+  text: :class:`~codebook_lens.analysis.topics.TopicTokens`);
 - the *fluency cost*: the expected loss, under the unforced model, of a token drawn from
   the forced model, minus the unforced model's own entropy, i.e.
   ``sum_v p_forced(v) (-log p(v)) - sum_v p(v) (-log p(v))``, averaged over positions.
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 
 from codebook_lens.analysis.search import SearchError
-from codebook_lens.analysis.topics import effect_topic_codes, topic_token_ids
+from codebook_lens.analysis.topics import TopicTokens, effect_topic_codes, topic_tokens
 from codebook_lens.cache.store import CodeCache
 from codebook_lens.core.model import CodebookModel
 from codebook_lens.core.refs import CodeRef
@@ -54,7 +56,7 @@ from codebook_lens.steering.intervene import Intervention, apply_intervention
 class Forcing:
     """What forcing a set of codes does on the measuring contexts."""
 
-    topic_rate: float  # mean probability that the next token starts a topic word
+    topic_rate: float  # mean probability that the next word is a topic word
     topic_log_prob: float  # mean log of that probability
     cost: float  # expected fluency cost per token against the unforced model (nats)
 
@@ -195,10 +197,10 @@ def forced_log_probs(
     return logits.float().log_softmax(-1)
 
 
-def forcing_of(logp: torch.Tensor, plain: torch.Tensor, ids: Sequence[int]) -> Forcing:
+def forcing_of(logp: torch.Tensor, plain: torch.Tensor, tokens: TopicTokens) -> Forcing:
     """:class:`Forcing` of forced log-probabilities ``logp`` against the unforced
-    ``plain`` ones (both ``(B, T, V)``), for topic tokens ``ids``."""
-    topic = logp[..., list(ids)].logsumexp(-1)
+    ``plain`` ones (both ``(B, T, V)``), for the topic's weighted first ``tokens``."""
+    topic = tokens.log_rate(logp)
     cross = -(logp.exp() * plain).sum(-1)  # loss under the unforced model, tokens ~ forced
     entropy = -(plain.exp() * plain).sum(-1)
     return Forcing(float(topic.exp().mean()), float(topic.mean()), float((cross - entropy).mean()))
@@ -264,14 +266,14 @@ def measured_topic_codes(
         raise SearchError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
     loaded = cache.model()
     model = loaded.model
-    ids = topic_token_ids(loaded.codec, words)
+    tokens = topic_tokens(cache, words)
     if contexts is None:
         seq_len = int(cache.manifest["seq_len"])
-        tokens = np.asarray(cache.token_ids, dtype=np.int64)
-        rows = min(blocks, tokens.size // seq_len)
+        cached = np.asarray(cache.token_ids, dtype=np.int64)
+        rows = min(blocks, cached.size // seq_len)
         if rows < 1:
             raise SearchError(f"the cache holds fewer than {seq_len} tokens")
-        contexts = torch.from_numpy(tokens[tokens.size - rows * seq_len :].copy())
+        contexts = torch.from_numpy(cached[cached.size - rows * seq_len :].copy())
         contexts = contexts.view(rows, seq_len)
     if contexts.dim() != 2 or contexts.shape[1] < 2:
         raise SearchError("contexts must be a (B, T) tensor of token ids with T >= 2")
@@ -280,7 +282,12 @@ def measured_topic_codes(
     hits = [
         h
         for h in effect_topic_codes(
-            cache, words, min_count=min_count, max_frequency=max_frequency, limit=None
+            cache,
+            words,
+            min_count=min_count,
+            max_frequency=max_frequency,
+            limit=None,
+            tokens=tokens,
         )
         if h.effect > 0
     ]
@@ -293,7 +300,7 @@ def measured_topic_codes(
             candidates.append(h.ref)
 
     plain = forced_log_probs(model, contexts, [], mode, strength)
-    before = forcing_of(plain, plain, ids)
+    before = forcing_of(plain, plain, tokens)
 
     memo = {} if measured is None else measured
 
@@ -301,7 +308,7 @@ def measured_topic_codes(
         key = tuple(sorted(codes))  # forcing a set: the order does not matter
         if key not in memo:
             logp = forced_log_probs(model, contexts, codes, mode, strength)
-            memo[key] = forcing_of(logp, plain, ids)
+            memo[key] = forcing_of(logp, plain, tokens)
         return memo[key]
 
     scored = []

@@ -41,9 +41,10 @@ METRIC_KEYS = {
     "steer.<topic>.primed_share": "share of unsteered samples on topic when the topic's "
     "passage precedes every prompt (same seeds): how far the model carries a topic forward "
     "by itself (absent for a topic without a passage)",
-    "steer.<topic>.topic_rate": "mean probability that the next token starts a topic word, "
-    "over every position of the unsteered samples (absent when no topic word starts with a "
-    "token of its own)",
+    "steer.<topic>.topic_rate": "mean probability that the next word is a topic word (each "
+    "token a topic word starts with, weighted by how often it starts one in the cached "
+    "text), over every position of the unsteered samples (absent when no topic word occurs "
+    "in the cache or is a token of its own)",
     "steer.<topic>.forced_topic_rate": "the same with the topic's codes forced as in "
     "steering, on the same unsteered text: what forcing does at the first step",
     "steer.topics": "topics measured (the topic file's)",

@@ -271,7 +271,8 @@ def lm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
     )
     needed = needed_topic_rate(cfg.steer.max_new_tokens)
     parts.append(
-        "<p>Topic rate: the mean probability that the next token starts a topic word, at "
+        "<p>Topic rate: the mean probability that the next word is a topic word (each token a "
+        "topic word starts with, weighted by how often it starts one in the cached text), at "
         "every position of the unsteered samples, as the model is and with the topic's codes "
         f"forced (the first step of steering). For 60% of {cfg.steer.max_new_tokens}-token "
         f"samples to mention the topic, tokens drawn independently would need {_rate(needed)} "

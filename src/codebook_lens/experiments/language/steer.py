@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from codebook_lens.analysis.search import SearchError, topic_codes
-from codebook_lens.analysis.topics import effect_topic_codes, topic_token_ids, word_topic_codes
+from codebook_lens.analysis.topics import effect_topic_codes, topic_tokens, word_topic_codes
 from codebook_lens.cache.store import CodeCache
 from codebook_lens.core.loading import TextCodec, context_length
 from codebook_lens.core.model import CodebookModel
@@ -142,8 +142,9 @@ def measured_path(
 ) -> TopicCodes | None:
     """:func:`measured_topic_codes` with ``cfg``'s settings (its objective, unless
     ``objective`` is given) up to ``max_cost``; ``None`` when the topic has no candidate
-    (no topic word starts with a token of its own, or no code qualifies). ``measured``:
-    forcings already measured on ``contexts`` (see :func:`measured_topic_codes`)."""
+    (no topic word occurs in the cache or is a token of its own, or no code qualifies).
+    ``measured``: forcings already measured on ``contexts`` (see
+    :func:`measured_topic_codes`)."""
     try:
         return measured_topic_codes(
             cache,
@@ -370,9 +371,10 @@ class TopicResult:
     # unsteered share on topic when the topic's passage precedes every prompt (None: no
     # passage): how far the model itself carries a topic forward from its context
     primed_share: float | None = None
-    # the mean probability that the next token starts a topic word, at every position of
-    # the unsteered samples, as the model is and with the topic's codes forced (None when
-    # no topic word starts with a token of its own, or the samples fill no block): what
+    # the mean probability that the next word is a topic word (analysis.topics.TopicTokens),
+    # at every position of the unsteered samples, as the model is and with the topic's codes
+    # forced (None when no topic word occurs in the cache or is a token of its own, or the
+    # samples fill no block): what
     # forcing does at the first step, before the steered text departs from the unsteered
     topic_rate: float | None = None
     forced_topic_rate: float | None = None
@@ -399,20 +401,20 @@ def _nll(model: CodebookModel, codec: TextCodec, prompts, texts) -> tuple[float,
 
 def topic_rates(
     model: CodebookModel,
-    codec: TextCodec,
+    cache: CodeCache,
     blocks: torch.Tensor | None,
     words: Sequence[str],
     codes: Sequence[CodeRef],
     cfg: SteerSection,
 ) -> tuple[float | None, float | None]:
-    """The mean probability that the next token starts a topic word (one of
-    :func:`~codebook_lens.analysis.topics.topic_token_ids`) over every position of
-    ``blocks``, without and with ``codes`` forced as ``cfg`` forces them; ``(None,
-    None)`` without blocks or without a topic word that starts with a token of its own."""
+    """The mean probability that the next word is a topic word (its first tokens weighted
+    as :func:`~codebook_lens.analysis.topics.topic_tokens` weights them over ``cache``)
+    over every position of ``blocks``, without and with ``codes`` forced as ``cfg``
+    forces them; ``(None, None)`` without blocks or without a topic token to weigh."""
     if blocks is None:
         return None, None
     try:
-        ids = topic_token_ids(codec, words)
+        ids = topic_tokens(cache, words)
     except SearchError:
         return None, None
     blocks = blocks.to(next(model.parameters()).device)
@@ -513,7 +515,7 @@ def steer_topic(
             seq_len = int(cache.manifest["seq_len"])
             contexts = sample_blocks(codec, prompts, unsteered.texts, seq_len, cfg.measure_blocks)
         codes = select_codes(cache, topic, cfg, contexts)
-    rate, forced_rate = topic_rates(model, codec, blocks, topic.words, codes, cfg)
+    rate, forced_rate = topic_rates(model, cache, blocks, topic.words, codes, cfg)
     steered_texts, steered = unsteered.texts, unsteered.nll
     if codes:
         steered_texts = sample_texts(model, codec, prompts, cfg, codes)
