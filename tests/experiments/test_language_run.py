@@ -133,6 +133,8 @@ def test_tiny_preset_end_to_end_and_rerun(files, capsys):
     blocks = torch.tensor(stream[: len(stream) // seq_len * seq_len]).view(-1, seq_len)
     tokens = topic_tokens(CodeCache.open(out / "cache"), ["boat", "boats"])
     weights = torch.tensor(tokens.weights)
+    assert boats["topic_tokens"] == pytest.approx(tokens.to_dict(loaded.codec))
+    assert "their weights in the topic rate" in (out / "report.html").read_text()
 
     def rate(forced):
         with torch.no_grad(), apply_intervention(loaded.model, Intervention(forced, mode=s.mode)):

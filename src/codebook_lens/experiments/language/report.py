@@ -278,6 +278,23 @@ def lm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
         f"samples to mention the topic, tokens drawn independently would need {_rate(needed)} "
         "per token.</p>"
     )
+    weighted = [r for r in steering if r.get("topic_tokens")]
+    if weighted:
+        parts.append(
+            html_table(
+                [
+                    [
+                        r["name"],
+                        ", ".join(
+                            f"{t!r} {w:.2f}"
+                            for t, w in sorted(r["topic_tokens"].items(), key=lambda kv: -kv[1])
+                        ),
+                    ]
+                    for r in weighted
+                ],
+                ["topic", "tokens a topic word starts with, and their weights in the topic rate"],
+            )
+        )
     names = [r["name"] for r in steering]
     parts.append(
         "<figure>"

@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 import torch
 
 from codebook_lens.analysis.search import SearchError, topic_codes
-from codebook_lens.analysis.topics import effect_topic_codes, topic_tokens, word_topic_codes
+from codebook_lens.analysis.topics import (
+    TopicTokens,
+    effect_topic_codes,
+    topic_tokens,
+    word_topic_codes,
+)
 from codebook_lens.cache.store import CodeCache
 from codebook_lens.core.loading import TextCodec, context_length
 from codebook_lens.core.model import CodebookModel
@@ -378,6 +383,8 @@ class TopicResult:
     # forcing does at the first step, before the steered text departs from the unsteered
     topic_rate: float | None = None
     forced_topic_rate: float | None = None
+    # the tokens a topic word starts with and their weights in the topic rate (as text)
+    topic_tokens: dict[str, float] = field(default_factory=dict)
     # select: calibrated: the prefixes of the measured path sampled from held-out seeds,
     # and the index of the one kept among them (None: none was within the budget)
     calibration: list[dict] = field(default_factory=list)
@@ -401,29 +408,24 @@ def _nll(model: CodebookModel, codec: TextCodec, prompts, texts) -> tuple[float,
 
 def topic_rates(
     model: CodebookModel,
-    cache: CodeCache,
     blocks: torch.Tensor | None,
-    words: Sequence[str],
+    tokens: TopicTokens | None,
     codes: Sequence[CodeRef],
     cfg: SteerSection,
 ) -> tuple[float | None, float | None]:
-    """The mean probability that the next word is a topic word (its first tokens weighted
-    as :func:`~codebook_lens.analysis.topics.topic_tokens` weights them over ``cache``)
-    over every position of ``blocks``, without and with ``codes`` forced as ``cfg``
-    forces them; ``(None, None)`` without blocks or without a topic token to weigh."""
-    if blocks is None:
-        return None, None
-    try:
-        ids = topic_tokens(cache, words)
-    except SearchError:
+    """The mean probability that the next word is a topic word (its first ``tokens``,
+    weighted as :func:`~codebook_lens.analysis.topics.topic_tokens` weighs them) over
+    every position of ``blocks``, without and with ``codes`` forced as ``cfg`` forces
+    them; ``(None, None)`` without blocks or tokens."""
+    if blocks is None or tokens is None:
         return None, None
     blocks = blocks.to(next(model.parameters()).device)
     plain = forced_log_probs(model, blocks, [], cfg.mode, cfg.strength)
-    before = forcing_of(plain, plain, ids).topic_rate
+    before = forcing_of(plain, plain, tokens).topic_rate
     if not codes:
         return before, before
     forced = forced_log_probs(model, blocks, codes, cfg.mode, cfg.strength)
-    return before, forcing_of(forced, plain, ids).topic_rate
+    return before, forcing_of(forced, plain, tokens).topic_rate
 
 
 @dataclass
@@ -515,7 +517,11 @@ def steer_topic(
             seq_len = int(cache.manifest["seq_len"])
             contexts = sample_blocks(codec, prompts, unsteered.texts, seq_len, cfg.measure_blocks)
         codes = select_codes(cache, topic, cfg, contexts)
-    rate, forced_rate = topic_rates(model, cache, blocks, topic.words, codes, cfg)
+    try:
+        tokens = topic_tokens(cache, topic.words)
+    except SearchError:
+        tokens = None
+    rate, forced_rate = topic_rates(model, blocks, tokens, codes, cfg)
     steered_texts, steered = unsteered.texts, unsteered.nll
     if codes:
         steered_texts = sample_texts(model, codec, prompts, cfg, codes)
@@ -537,6 +543,7 @@ def steer_topic(
         primed_share=primed_share(model, codec, prompts, topic, cfg),
         topic_rate=rate,
         forced_topic_rate=forced_rate,
+        topic_tokens={} if tokens is None else tokens.to_dict(codec),
         calibration=[p.to_dict() for p in calibration],
         calibration_kept=kept,
     )
