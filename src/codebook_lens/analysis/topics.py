@@ -317,9 +317,9 @@ def effect_topic_codes(
 ) -> list[EffectTopicHit]:
     """Codes ranked by their first-order effect on how much the model favours writing a
     topic word next (:func:`topic_logit` over the topic's first tokens,
-    :func:`topic_tokens`, unless ``tokens`` are given): the dot product of each code vector with the gradient of
-    that quantity at its codebook's output, averaged over the first ``batches``
-    blocks of cached text. Forcing a code at every position adds its vector there, so
+    :func:`topic_tokens`, unless ``tokens`` are given): the dot product of each code
+    vector with the gradient of that quantity at its codebook's output, averaged over
+    the first ``batches`` blocks of cached text. Forcing a code at every position adds its vector there, so
     this is the change it makes to first order. Only codes that fire at least
     ``min_count`` times and on at most ``max_frequency`` of the cached tokens qualify
     (codes the model uses, and not generic ones)."""
