@@ -69,32 +69,36 @@ def matching_tokens(
     max_tokens: int | None = None,
     *,
     deadline: float | None = None,
+    first: bool = False,
 ) -> np.ndarray:
-    """Boolean ``(tokens,)``: which cached tokens hold the last character of a match.
+    """Boolean ``(tokens,)``: which cached tokens hold the last character of a match
+    (``first``: its first character).
 
     ``deadline`` (a ``time.perf_counter()`` value) stops the scan with a SearchError once
     passed; it is checked per document and every few thousand matches.
     """
     regex = compile_pattern(pattern)
     n = cache.num_tokens if max_tokens is None else min(max_tokens, cache.num_tokens)
-    first = cache.doc_first_token()
+    doc_first = cache.doc_first_token()
     # matching runs on UTF-8 bytes (RE2's native form): offsets need no conversion
     docs, starts, ends = cache.utf8()
     mask = np.zeros(cache.num_tokens, dtype=bool)
     last_doc = int(cache.doc_ids[n - 1]) if n else -1
     for doc in range(last_doc + 1):
-        lo, hi = int(first[doc]), min(int(first[doc + 1]), n)
+        lo, hi = int(doc_first[doc]), min(int(doc_first[doc + 1]), n)
         if hi <= lo:
             continue
         _check_deadline(deadline, pattern)
         ends_at: list[int] = []
         found = regex.finditer(docs[doc])
         while chunk := list(itertools.islice(found, 4096)):
-            ends_at.extend(m.end() - 1 for m in chunk if m.end() > m.start())
+            ends_at.extend(
+                (m.start() if first else m.end() - 1) for m in chunk if m.end() > m.start()
+            )
             _check_deadline(deadline, pattern)
         if not ends_at:
             continue
-        last = np.asarray(ends_at, dtype=np.int64)  # the last byte of each match
+        last = np.asarray(ends_at, dtype=np.int64)  # the last (first) byte of each match
         doc_starts = starts[lo:hi]
         # the token whose span [start, end) holds that byte; tokens are in text order, and
         # a character split over byte tokens belongs to the last of them

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from codebook_lens.analysis.search import SearchError, compile_pattern, matching_tokens
+from codebook_lens.analysis.search import SearchError, matching_tokens
 from codebook_lens.cache.store import CodeCache, code_counts
 from codebook_lens.core.model import CodebookModel
 from codebook_lens.core.refs import CodeRef
@@ -188,28 +188,10 @@ def word_start_counts(cache: CodeCache, words: Sequence[str], ids: Sequence[int]
     """For each of ``ids``: how often it occurs in the cache, and how often it holds the
     first character of a topic word (a match of :func:`words_pattern`); two
     ``(len(ids),)`` integer arrays."""
-    regex = compile_pattern(words_pattern(words))
-    docs, byte_starts, byte_ends = cache.utf8()
-    first = cache.doc_first_token()
     tokens = np.asarray(cache.token_ids, dtype=np.int64)
-    starting = []
-    for doc, text in enumerate(docs):
-        lo, hi = int(first[doc]), int(first[doc + 1])
-        if hi <= lo:
-            continue
-        begins = np.array([m.start() for m in regex.finditer(text)], dtype=np.int64)
-        if begins.size:
-            # the token whose bytes hold the match's first byte
-            at = lo + np.searchsorted(byte_ends[lo:hi], begins, side="right")
-            at = at[at < hi]
-            starting.append(tokens[at[byte_starts[at] <= begins[: at.size]]])
-
-    def count(arr: np.ndarray) -> np.ndarray:
-        values, counts = np.unique(arr, return_counts=True)
-        found = dict(zip(values.tolist(), counts.tolist(), strict=True))
-        return np.array([found.get(int(i), 0) for i in ids], dtype=np.int64)
-
-    return count(tokens), count(np.concatenate(starting) if starting else tokens[:0])
+    starting = tokens[matching_tokens(cache, words_pattern(words), first=True)]
+    total = np.array([int((tokens == i).sum()) for i in ids], dtype=np.int64)
+    return total, np.array([int((starting == i).sum()) for i in ids], dtype=np.int64)
 
 
 def topic_tokens(cache: CodeCache, words: Sequence[str]) -> TopicTokens:
@@ -319,8 +301,8 @@ def effect_topic_codes(
     topic word next (:func:`topic_logit` over the topic's first tokens,
     :func:`topic_tokens`, unless ``tokens`` are given): the dot product of each code
     vector with the gradient of that quantity at its codebook's output, averaged over
-    the first ``batches`` blocks of cached text. Forcing a code at every position adds its vector there, so
-    this is the change it makes to first order. Only codes that fire at least
+    the first ``batches`` blocks of cached text. Forcing a code at every position adds
+    its vector there, so this is the change it makes to first order. Only codes that fire at least
     ``min_count`` times and on at most ``max_frequency`` of the cached tokens qualify
     (codes the model uses, and not generic ones)."""
     check_code_filter(min_count, max_frequency)
