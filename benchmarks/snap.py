@@ -23,6 +23,12 @@ The results go to benchmarks/snap-latest.json (snap-SIMD-latest.json with --simd
     python benchmarks/snap.py --simd avx2      # as on an AVX2 CPU, on an AVX-512 one
                                                # (results: benchmarks/snap-avx2-latest.json)
     python benchmarks/snap.py --quick          # small shapes, seconds
+    python benchmarks/snap.py --device cuda    # on a GPU (results: snap-cuda-latest.json)
+
+On CUDA every call is timed between two synchronisations, peak memory is the rise of
+PyTorch's peak allocation over what was allocated before the call, there is no compiled
+kernel (the PyTorch search is the path), and two more rows time the forward+backward
+under bf16 autocast, as training runs on a GPU.
 """
 
 from __future__ import annotations
@@ -65,7 +71,9 @@ def naive_forward(x, weight, k, similarity):
     if bias is not None:
         scores = 2 * scores + bias.squeeze(1)
     ids = scores.topk(k, dim=-1).indices  # (N, G, k)
-    q = weight[torch.arange(weight.shape[0]).view(1, -1, 1), ids].sum(-2)  # (N, G, d)
+    q = weight[torch.arange(weight.shape[0], device=weight.device).view(1, -1, 1), ids].sum(
+        -2
+    )  # (N, G, d)
     out = a + (q - a).detach()
     loss = F.mse_loss(q, a.detach())
     return out.reshape(x.shape), loss
@@ -85,16 +93,40 @@ def forced_path(path: str):
             os.environ["CODEBOOK_LENS_SEARCH_PATH"] = before
 
 
-def run_case(name, tokens, repeats, similarity, kernel):
+def cuda_peak_extra_mib(fn) -> float:
+    """MiB that PyTorch's CUDA allocator holds at the call's peak beyond what it held
+    before the call."""
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def bf16(fn):
+    """``fn`` under CUDA bf16 autocast."""
+
+    def wrapped():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fn()
+
+    return wrapped
+
+
+def run_case(name, tokens, repeats, similarity, kernel, device="cpu"):
     shape = CASES[name]
     G, d, C, k = shape["groups"], shape["dim"], shape["num_codes"], shape["k"]
+    cuda = device == "cuda"
     torch.manual_seed(0)
     cb = Codebook(d, CodebookConfig(num_codes=C, k=k, similarity=similarity), groups=G)
-    x = torch.randn(tokens, G * d)
+    cb.to(device)
+    x = torch.randn(tokens, G * d).to(device)
     xg = x.detach().view(tokens, G, d).transpose(0, 1)
     keys_t = search_keys(cb.weight.detach(), similarity)[0].transpose(1, 2).contiguous()
-    full = [torch.empty(G, tokens, C)]  # the whole score matrix, allocated once
-    upstream = torch.randn(tokens, G * d)
+    full = [torch.empty(G, tokens, C, device=device)]  # the whole score matrix, allocated once
+    upstream = torch.randn(tokens, G * d).to(device)
 
     def bare():
         return torch.bmm(xg, keys_t, out=full[0])
@@ -135,24 +167,33 @@ def run_case(name, tokens, repeats, similarity, kernel):
         "naive fwd": naive_fwd,
         "naive fwd+bwd": naive_fwdbwd,
     }
+    if cuda:  # no compiled kernel on a GPU; training there runs under bf16 autocast
+        fns["ours fwd, kernel"] = None
+        fns["ours fwd, pytorch search"] = None  # the only path there: "ours fwd"
+        fns["ours fwd+bwd, bf16 autocast"] = bf16(ours_fwdbwd)
+        fns["naive fwd+bwd, bf16 autocast"] = bf16(naive_fwdbwd)
     fns = {label: fn for label, fn in fns.items() if fn is not None}
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = {label: [] for label in fns}
     for fn in fns.values():
         fn()  # warm-up
     for _ in range(repeats):
         for label, fn in fns.items():
             gc.collect()
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[label].append(time.perf_counter() - start)
     full.clear()  # peak memory is read without the whole score matrix resident
+    peak = cuda_peak_extra_mib if cuda else peak_extra_mib
     rows = {}
     for label, fn in fns.items():
         rows[label] = {
             "time_s": statistics.median(times[label]),
             "min_s": min(times[label]),
             "times_s": times[label],
-            "peak_extra_mib": peak_extra_mib(fn) if label != "matmul" else 0.0,
+            "peak_extra_mib": peak(fn) if label != "matmul" else 0.0,
         }
     m0, n0 = rows["matmul"]["time_s"], rows["matmul"]["min_s"]
     for row in rows.values():
@@ -160,7 +201,9 @@ def run_case(name, tokens, repeats, similarity, kernel):
         row["x_matmul_min"] = row["min_s"] / n0
     x3 = x.detach().view(tokens, G, d)
     record = (
-        search_path.recorded(shape_class(x3, cb.weight, k, similarity, kernel)) if kernel else None
+        search_path.recorded(shape_class(x3, cb.weight, k, similarity, kernel))
+        if kernel and not cuda
+        else None
     )
     return {
         "case": name,
@@ -203,6 +246,9 @@ def main():
     )
     parser.add_argument("--quick", action="store_true", help="1024 tokens, 1 repeat")
     parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where the codebook runs"
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         help="where to write the results (default benchmarks/snap-latest.json, or "
@@ -218,9 +264,17 @@ def main():
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     if args.simd:
         os.environ["CODEBOOK_LENS_SIMD"] = args.simd
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: PyTorch sees no CUDA GPU here")
     if args.json is None:
         forced = args.simd not in (None, "auto")
-        args.json = HERE / (f"snap-{args.simd}-latest.json" if forced else "snap-latest.json")
+        args.json = HERE / (
+            "snap-cuda-latest.json"
+            if args.device == "cuda"
+            else f"snap-{args.simd}-latest.json"
+            if forced
+            else "snap-latest.json"
+        )
     fixed_mmap_threshold()
     kernel = _native.load()
     cpu = cpu_info()
@@ -228,6 +282,20 @@ def main():
     forced_simd = os.environ.get("CODEBOOK_LENS_SIMD") or None
     load_before = os.getloadavg()
     print(f"CPU: {describe_cpu(cpu)}")
+    gpu = None
+    if args.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        gpu = {
+            "name": props.name,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "multiprocessors": props.multi_processor_count,
+            "cuda": torch.version.cuda,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        }
+        print(
+            f"GPU: {gpu['name']}, {gpu['memory_gib']} GiB, {gpu['multiprocessors']} SMs, "
+            f"CUDA {gpu['cuda']}, TF32 matmuls {'on' if gpu['tf32_matmul'] else 'off'}"
+        )
     if kernel is None:
         print("compiled kernel: not available (PyTorch search only)")
     else:
@@ -246,7 +314,7 @@ def main():
     )
     results = []
     for name in args.cases:
-        res = run_case(name, args.tokens, args.repeats, args.similarity, kernel)
+        res = run_case(name, args.tokens, args.repeats, args.similarity, kernel, args.device)
         results.append(res)
         print(f"\n{name}: {res['groups']} x {res['dim']} dims, C={res['num_codes']}, k={res['k']}")
         rec = res["path_record"]
@@ -271,6 +339,8 @@ def main():
     print(f"\nload average after: {load_after[0]:.1f} (on {os.cpu_count()} CPUs)")
     report = {
         "command": "python benchmarks/snap.py " + " ".join(sys.argv[1:]),
+        "device": args.device,
+        "gpu": gpu,
         "cpu": {**dataclasses.asdict(cpu), "kind": cpu.kind},
         "simd": simd,
         "simd_forced": forced_simd,

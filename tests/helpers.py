@@ -3,6 +3,8 @@ synthetic text and a tiny saved codebook model, all built offline from config.""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -171,3 +173,23 @@ def tiny_cache(root, model_dir, *, docs: int, lines: int, seq_len: int, batch_si
         loaded, texts, root / "cache", corpus_name="t", seq_len=seq_len, batch_size=batch_size
     )
     return CodeCache.open(root / "cache")
+
+
+def near_tie_inputs(seed: int, n: int = 24, groups: int = 2, num_codes: int = 103, dim: int = 12):
+    """Codes that tie or nearly tie, and activations that put them in their top k."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(groups, num_codes, dim, generator=gen)
+    w[:, 1] = w[:, 0]  # exact duplicates
+    w[:, 3] = 2 * w[:, 2]  # the same direction: a cosine tie
+    w[:, 5] = w[:, 4]
+    w[:, 5, 0] = torch.nextafter(w[:, 4, 0], torch.tensor(math.inf))  # one ulp apart
+    w[:, 7] = w[:, 6] * (1 + 2e-7)  # scores agreeing to ~1e-7
+    w[:, num_codes - 1] = w[:, 8]  # a duplicate in the last code tile
+    x = torch.randn(n, groups, dim, generator=gen)
+    anchors = [0, 2, 4, 6, 8]
+    for i in range(n - 4):
+        j = anchors[i % len(anchors)]
+        x[i] = w[:, j] + 1e-3 * torch.randn(groups, dim, generator=gen)
+    x[n - 4] = w[:, 0]  # exactly on a duplicated code
+    x[n - 3] = w[:, 4]
+    return x, w

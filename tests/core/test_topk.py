@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from helpers import near_tie_inputs
 
 from codebook_lens.core import _native, search_path, topk
 from codebook_lens.core.rescore import exact_scores
@@ -43,26 +44,6 @@ def brute_ids(x: torch.Tensor, w: torch.Tensor, k: int, similarity: str) -> torc
             per_group.append(order[:k])
         out.append(per_group)
     return torch.tensor(out, dtype=torch.long)
-
-
-def near_tie_inputs(seed: int, n: int = 24, groups: int = 2, num_codes: int = 103, dim: int = 12):
-    """Codes that tie or nearly tie, and activations that put them in their top k."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(groups, num_codes, dim, generator=gen)
-    w[:, 1] = w[:, 0]  # exact duplicates
-    w[:, 3] = 2 * w[:, 2]  # the same direction: a cosine tie
-    w[:, 5] = w[:, 4]
-    w[:, 5, 0] = torch.nextafter(w[:, 4, 0], torch.tensor(math.inf))  # one ulp apart
-    w[:, 7] = w[:, 6] * (1 + 2e-7)  # scores agreeing to ~1e-7
-    w[:, num_codes - 1] = w[:, 8]  # a duplicate in the last code tile
-    x = torch.randn(n, groups, dim, generator=gen)
-    anchors = [0, 2, 4, 6, 8]
-    for i in range(n - 4):
-        j = anchors[i % len(anchors)]
-        x[i] = w[:, j] + 1e-3 * torch.randn(groups, dim, generator=gen)
-    x[n - 4] = w[:, 0]  # exactly on a duplicated code
-    x[n - 3] = w[:, 4]
-    return x, w
 
 
 def rows_mib(rows: int, groups: int, num_codes: int, itemsize: int = 4) -> float:

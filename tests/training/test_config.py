@@ -259,3 +259,17 @@ def test_smallest_allowed_values_pass():
 def test_sections_built_in_python_are_checked_too(build, match):
     with pytest.raises(ConfigError, match=match):
         build()
+
+
+@pytest.mark.parametrize(
+    ("text", "want"), [("no", "no"), ("'no'", "no"), ("bf16", "bf16"), ("auto", "auto")]
+)
+def test_a_choice_that_yaml_reads_as_a_boolean_is_the_word(text, want):
+    """YAML 1.1 reads a bare ``no`` as false; where the choices are words it is the word."""
+    cfg = load_train_config(None, [f"schedule.mixed_precision={text}"])
+    assert cfg.schedule.mixed_precision == want
+
+
+def test_a_boolean_is_still_refused_where_no_word_of_it_is_a_choice():
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_train_config(None, ["schedule.mixed_precision=yes"])

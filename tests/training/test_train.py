@@ -181,6 +181,16 @@ def test_freeze_base_steps_trains_the_codes_first_then_the_network(tiny_dir, tmp
     assert lrs[2] == 0.0 and lrs[4] > 0.0  # the network's learning rate: 0 while frozen
 
 
+def test_runs_in_one_process_may_use_different_precisions(tiny_dir, tmp_path):
+    """accelerate keeps one precision per process; each run here sets its own."""
+    for i, precision in enumerate(["bf16", "no", "bf16"]):
+        out = tmp_path / f"run{i}"
+        train(
+            make_cfg(tiny_dir, out, "schedule.max_steps=2", f"schedule.mixed_precision={precision}")
+        )
+        assert (out / "model" / "codebooks.safetensors").is_file()
+
+
 def test_lr_lambda_with_a_delay_schedules_the_steps_after_it(tiny_dir, tmp_path):
     cfg = make_cfg(tiny_dir, tmp_path / "x", "schedule.max_steps=10", "schedule.warmup_steps=2")
     plain, delayed = lr_lambda(cfg), lr_lambda(cfg, delay=4)

@@ -44,6 +44,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# the words that YAML 1.1 reads as each boolean
+YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check/convert ``value`` against the annotation ``tp``."""
     origin = typing.get_origin(tp)
@@ -66,6 +70,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         )
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool):
+            # YAML 1.1 reads no/off/false (yes/on/true) as booleans: back to the word
+            words = [w for w in YAML_BOOL_WORDS[value] if w in allowed]
+            value = words[0] if words else value
         if value not in allowed:
             raise ConfigError(
                 f"{where} must be one of {', '.join(map(repr, allowed))}, got {value!r}"

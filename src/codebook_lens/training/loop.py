@@ -237,6 +237,7 @@ def train(
     """
     check_output_dir(cfg.output_dir, "output_dir")
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     mp = cfg.schedule.mixed_precision
@@ -244,6 +245,9 @@ def train(
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     # buffers (usage statistics) are synchronised by UsageSync, not broadcast by DDP
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    # each run sets its own precision: accelerate keeps the first run's settings for the
+    # whole process and refuses a later run's others (the process group stays)
+    AcceleratorState._reset_state()
     # without a GPU, run on the CPU (several CPU processes then use gloo)
     accelerator = Accelerator(
         mixed_precision=mp, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available()
@@ -288,6 +292,9 @@ def train(
         )
 
     start_step = 0
+    # on the training device already for the k-means init: its forward passes and its
+    # k-means (C codes x kmeans_tokens per codebook) would otherwise run on the CPU
+    model.to(accelerator.device)
     if cfg.codebooks.kmeans_init and model.codebooks and not (resume and existing):
         kmeans_init(
             model,
