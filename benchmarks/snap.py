@@ -27,8 +27,9 @@ The results go to benchmarks/snap-latest.json (snap-SIMD-latest.json with --simd
 
 On CUDA every call is timed between two synchronisations, peak memory is the rise of
 PyTorch's peak allocation over what was allocated before the call, there is no compiled
-kernel (the PyTorch search is the path), and two more rows time the forward+backward
-under bf16 autocast, as training runs on a GPU.
+kernel (the PyTorch search is the path), three more rows time the forward with larger
+bounds on the score matrix held at once (chunk_mib), and two the forward+backward under
+bf16 autocast, as training runs on a GPU.
 """
 
 from __future__ import annotations
@@ -167,7 +168,20 @@ def run_case(name, tokens, repeats, similarity, kernel, device="cpu"):
         "naive fwd": naive_fwd,
         "naive fwd+bwd": naive_fwdbwd,
     }
+
+    def chunked(mib):  # "ours fwd" with another bound on the score matrix held at once
+        def fn():
+            before, cb.config.chunk_mib = cb.config.chunk_mib, mib
+            try:
+                return cb(x.requires_grad_(True)).output
+            finally:
+                cb.config.chunk_mib = before
+
+        return fn
+
     if cuda:  # no compiled kernel on a GPU; training there runs under bf16 autocast
+        for mib in (1024, 4096, 16384):
+            fns[f"ours fwd, {mib} MiB chunks"] = chunked(mib)
         fns["ours fwd, kernel"] = None
         fns["ours fwd, pytorch search"] = None  # the only path there: "ours fwd"
         fns["ours fwd+bwd, bf16 autocast"] = bf16(ours_fwdbwd)

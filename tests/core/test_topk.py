@@ -221,3 +221,13 @@ def test_bad_k_and_similarity_are_refused_in_one_sentence():
         topk_codes(x, w, 6)
     with pytest.raises(ValueError, match="similarity must be one of"):
         topk_codes(x, w, 2, "dot")
+
+
+def test_the_default_chunk_is_256_mib_on_the_cpu_and_gives_the_same_ids():
+    """chunk_mib=None is the device's default bound (256 MiB on the CPU); the ids do not
+    depend on the bound."""
+    assert topk.default_chunk_mib(torch.device("cpu")) == 256.0
+    x, w = near_tie_inputs(seed=4)
+    for similarity in SIMS:
+        want = topk_codes(x, w, 3, similarity, chunk_mib=256.0, native_search=False)
+        assert torch.equal(topk_codes(x, w, 3, similarity, native_search=False), want)

@@ -26,7 +26,7 @@ from codebook_lens.cache.store import CodeCache
 from codebook_lens.core.codebook import Codebook, CodebookConfig
 from codebook_lens.core.loading import load_codebook_model
 from codebook_lens.core.model import CodebookModel, CodebookModelConfig, SiteSpec
-from codebook_lens.core.topk import topk_codes
+from codebook_lens.core.topk import default_chunk_mib, topk_codes
 from codebook_lens.experiments.language.config import load_lm_config
 from codebook_lens.experiments.language.run import run
 from codebook_lens.steering.intervene import Intervention
@@ -64,6 +64,11 @@ def test_search_on_cuda_gives_the_cpu_ids_on_near_ties(similarity, k, tf32):
         assert torch.equal(got.cpu(), want), (similarity, k, tf32, chunk_mib)
 
 
+def test_the_default_chunk_on_cuda_is_4_gib_or_a_sixteenth_of_the_memory():
+    total = torch.cuda.get_device_properties(CUDA).total_memory / 2**20
+    assert default_chunk_mib(CUDA) == max(256.0, min(4096.0, total / 16))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_search_on_cuda_in_other_dtypes_gives_the_cpu_ids(dtype):
     """The same rule in every dtype: the ids of inputs rounded to ``dtype`` equal the
@@ -87,7 +92,7 @@ def test_codebook_forward_and_backward_on_cuda_match_the_cpu(similarity):
     grads = []
     outs = []
     for cb, dev in ((cpu, "cpu"), (gpu, CUDA)):
-        xi = x.to(dev).requires_grad_(True)
+        xi = x.to(dev).detach().requires_grad_(True)  # a leaf on either device
         out = cb(xi)
         ((out.output * upstream.to(dev)).sum() + out.loss).backward()
         outs.append(out)

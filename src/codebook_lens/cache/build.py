@@ -207,10 +207,10 @@ def code_logit_effects(
             logits = logits - logits.mean(-1, keepdim=True)
             hi = logits.topk(top, dim=-1)
             lo = logits.topk(top, dim=-1, largest=False)
-            out["promoted"][g, s : s + chunk] = hi.indices.numpy()
-            out["promoted_logit"][g, s : s + chunk] = hi.values.numpy()
-            out["suppressed"][g, s : s + chunk] = lo.indices.numpy()
-            out["suppressed_logit"][g, s : s + chunk] = lo.values.numpy()
+            out["promoted"][g, s : s + chunk] = hi.indices.cpu().numpy()
+            out["promoted_logit"][g, s : s + chunk] = hi.values.cpu().numpy()
+            out["suppressed"][g, s : s + chunk] = lo.indices.cpu().numpy()
+            out["suppressed_logit"][g, s : s + chunk] = lo.values.cpu().numpy()
     return out
 
 

@@ -64,7 +64,8 @@ class CodebookConfig:
         toward their codes (0 disables it).
     lm_grad_to_codes: whether the downstream (language-model) gradient also reaches the
         selected codes, besides the reconstruction gradient.
-    chunk_mib: most memory the similarity matrix may hold at once, in MiB.
+    chunk_mib: most memory the similarity matrix may hold at once, in MiB; None: by the
+        device (256 on the CPU, up to 4096 on a GPU: ``topk.default_chunk_mib``).
     outlier_factor: None (every activation is quantized), or a factor F: an activation
         whose norm exceeds F times the codebook's reference norm (``ref_norm``: the
         median norm of its k-means samples, else of the first batch it sees) passes
@@ -81,7 +82,7 @@ class CodebookConfig:
     reconstruction_weight: float = 1.0
     commitment_weight: float = 0.0
     lm_grad_to_codes: bool = True
-    chunk_mib: float = 256.0
+    chunk_mib: float | None = None
     outlier_factor: float | None = None
 
     def __post_init__(self) -> None:
@@ -99,8 +100,9 @@ class CodebookConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise CodebookLensError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not isinstance(self.chunk_mib, (int, float)) or not self.chunk_mib > 0:
-            raise CodebookLensError(f"chunk_mib must be a number > 0, got {self.chunk_mib!r}")
+        m = self.chunk_mib
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
+            raise CodebookLensError(f"chunk_mib must be None or a number > 0, got {m!r}")
         f = self.outlier_factor
         if f is not None and (
             isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 1
