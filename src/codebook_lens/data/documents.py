@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from codebook_lens.core.errors import CodebookLensError
-from codebook_lens.data.corpus import iter_corpus
+from codebook_lens.data.corpus import CORPORA, iter_corpus
 
 
 class DataError(CodebookLensError):
@@ -45,20 +45,24 @@ def iter_documents(
 ) -> Iterator[str]:
     """Documents of ``split`` ("train" or "eval") from a corpus spec.
 
-    ``offline``: the packaged corpus (its own fixed split). A local ``datasets``
+    ``offline`` (or another name of :data:`~codebook_lens.data.corpus.CORPORA`, such as
+    ``offline-wide``): the packaged corpus (its own fixed split). A local ``datasets``
     directory (``save_to_disk``): its ``train``/``validation``/``test`` splits when
     present, else a hash split. Text files or a directory of them: one document per
     file (``.jsonl``: one per line, ``text_field``), split by a hash of the document id.
     """
     if split not in ("train", "eval"):
         raise CodebookLensError(f"split must be 'train' or 'eval', got {split!r}")
-    if corpus == "offline":
-        for doc in iter_corpus(split):
+    if corpus in CORPORA:
+        for doc in iter_corpus(split, name=corpus):
             yield doc["text"]
         return
     path = Path(corpus)
     if not path.exists():
-        raise DataError(f"corpus {corpus!r} is neither 'offline' nor an existing file or directory")
+        raise DataError(
+            f"corpus {corpus!r} is neither one of {', '.join(CORPORA)} nor an existing file "
+            "or directory"
+        )
     if path.is_dir() and (
         (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()
     ):
