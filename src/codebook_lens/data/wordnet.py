@@ -83,6 +83,8 @@ def parse_data_line(line: str) -> Synset | None:
     if not sep or len(fields) < 4:
         raise ValueError(f"not a WordNet data line: {line[:80]!r}")
     count = int(fields[3], 16)
+    if len(fields) < 4 + 2 * count:
+        raise ValueError(f"not a WordNet data line (fewer words than {count}): {line[:80]!r}")
     words = tuple(_ADJ_MARKER.sub("", fields[4 + 2 * i]).replace("_", " ") for i in range(count))
     gloss = gloss.strip()
     definition = gloss.split('"', 1)[0].strip().rstrip(";").strip()
