@@ -57,6 +57,40 @@ def save_tiny_lm(directory, family: str = "gpt_neox", seed: int = 0):
     return directory
 
 
+def save_tiny_training_dir(root, docs: int = 40):
+    """ROOT/model (a tiny LM with a real tokenizer) and ROOT/corpus (``docs`` text files)
+    for training runs; returns ROOT."""
+    save_tiny_lm(root / "model")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(docs):
+        (corpus / f"doc{i:02d}.txt").write_text(corpus_text(30, seed=i))
+    return root
+
+
+def tiny_train_args(tiny_dir, out, *extra):
+    """key=value arguments of a tiny training run (later ones override earlier ones)."""
+    return [
+        f"output_dir={out}",
+        f"model.path={tiny_dir / 'model'}",
+        f"data.corpus={tiny_dir / 'corpus'}",
+        "data.seq_len=32",
+        "data.eval_fraction=0.1",
+        "codebooks.sites=[{site: attn_heads, codebook: {num_codes: 32, k: 1}}, "
+        "{site: mlp, layers: [1], codebook: {num_codes: 64, k: 2}}]",
+        "codebooks.revive_after_steps=2",
+        "schedule.max_steps=6",
+        "schedule.batch_size=4",
+        "schedule.grad_accum=2",
+        "schedule.warmup_steps=2",
+        "logging.every=2",
+        "eval.every=3",
+        "eval.batches=2",
+        "checkpoint.every=100",
+        *extra,
+    ]
+
+
 def corpus_text(lines: int, seed: int = 0) -> str:
     """Deterministic English-like text with learnable regularities."""
     import random

@@ -17,8 +17,9 @@ from helpers import (
     corpus_text,
     near_tie_inputs,
     save_tiny_codebook_model,
-    save_tiny_lm,
+    save_tiny_training_dir,
     tiny_model,
+    tiny_train_args,
 )
 
 from codebook_lens.cache.build import build_cache
@@ -129,13 +130,7 @@ def test_codebook_model_on_cuda_gives_the_cpu_codes_and_logits(family, tokens):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    save_tiny_lm(root / "model")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(40):
-        (corpus / f"doc{i:02d}.txt").write_text(corpus_text(30, seed=i))
-    return root
+    return save_tiny_training_dir(tmp_path_factory.mktemp("tiny"))
 
 
 def test_training_on_cuda_in_bf16_lowers_the_loss_and_saves_a_model_the_cpu_loads(
@@ -144,23 +139,18 @@ def test_training_on_cuda_in_bf16_lowers_the_loss_and_saves_a_model_the_cpu_load
     out = tmp_path / "run"
     cfg = load_train_config(
         None,
-        [
-            f"output_dir={out}",
-            f"model.path={tiny_dir / 'model'}",
-            f"data.corpus={tiny_dir / 'corpus'}",
-            "data.seq_len=32",
-            "data.eval_fraction=0.1",
+        tiny_train_args(
+            tiny_dir,
+            out,
             "codebooks.sites=[{site: attn_heads, codebook: {num_codes: 32, k: 1}}, "
             "{site: mlp, codebook: {num_codes: 64, k: 2}}]",
             "schedule.max_steps=40",
             "schedule.batch_size=8",
-            "schedule.warmup_steps=2",
+            "schedule.grad_accum=1",
             "schedule.mixed_precision=bf16",
             "logging.every=5",
             "eval.every=20",
-            "eval.batches=2",
-            "checkpoint.every=100",
-        ],
+        ),
     )
     train(cfg)
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

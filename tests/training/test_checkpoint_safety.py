@@ -9,7 +9,7 @@ import json
 import os
 
 import pytest
-from helpers import corpus_text, save_tiny_lm
+from helpers import save_tiny_training_dir
 from safetensors.torch import load_file
 
 from codebook_lens.cli.main import main
@@ -21,13 +21,7 @@ from codebook_lens.training.loop import train
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    save_tiny_lm(root / "model")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(12):
-        (corpus / f"doc{i:02d}.txt").write_text(corpus_text(30, seed=i))
-    return root
+    return save_tiny_training_dir(tmp_path_factory.mktemp("tiny"), docs=12)
 
 
 def run_args(tiny_dir, out, *extra) -> list[str]:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import corpus_text, save_tiny_lm, tiny_bert_config
+from helpers import corpus_text, save_tiny_training_dir, tiny_bert_config, tiny_train_args
 from safetensors.torch import load_file
 
 from codebook_lens.cli.main import main as cli_main
@@ -18,40 +18,11 @@ from codebook_lens.training.optim import lr_lambda
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    save_tiny_lm(root / "model")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(40):
-        (corpus / f"doc{i:02d}.txt").write_text(corpus_text(30, seed=i))
-    return root
-
-
-def train_args(tiny_dir, out, *extra):
-    """key=value arguments of a tiny training run (later ones override earlier ones)."""
-    return [
-        f"output_dir={out}",
-        f"model.path={tiny_dir / 'model'}",
-        f"data.corpus={tiny_dir / 'corpus'}",
-        "data.seq_len=32",
-        "data.eval_fraction=0.1",
-        "codebooks.sites=[{site: attn_heads, codebook: {num_codes: 32, k: 1}}, "
-        "{site: mlp, layers: [1], codebook: {num_codes: 64, k: 2}}]",
-        "codebooks.revive_after_steps=2",
-        "schedule.max_steps=6",
-        "schedule.batch_size=4",
-        "schedule.grad_accum=2",
-        "schedule.warmup_steps=2",
-        "logging.every=2",
-        "eval.every=3",
-        "eval.batches=2",
-        "checkpoint.every=100",
-        *extra,
-    ]
+    return save_tiny_training_dir(tmp_path_factory.mktemp("tiny"))
 
 
 def make_cfg(tiny_dir, out, *extra):
-    return load_train_config(None, train_args(tiny_dir, out, *extra))
+    return load_train_config(None, tiny_train_args(tiny_dir, out, *extra))
 
 
 def test_train_writes_metrics_and_model(tiny_dir, tmp_path):
@@ -222,7 +193,7 @@ def test_distillation_with_the_network_training_uses_a_frozen_copy_of_the_base(t
         (["optim.freeze_base_steps=6"], "optim.freeze_base_steps must be below schedule"),
         (["optim.freeze_base_steps=2", "optim.freeze_base=true"], "needs optim.freeze_base: false"),
         (["model.path=/nonexistent/model"], "does not exist"),
-        (["data.corpus=/nonexistent/corpus"], "neither 'offline' nor an existing"),
+        (["data.corpus=/nonexistent/corpus"], "neither one of offline, offline-wide nor an existing"),
         (["codebooks.sites=[{site: ffn}]"], "site 'ffn' is not supported"),
         (["codebooks.sites=[{site: mlp, layers: [5]}]"], "layer 5 is out of range"),
         (["codebooks.sites=[{site: mlp, codebook: {num_codes: 8, k: 8}}]"], "k must be"),
@@ -315,7 +286,7 @@ def test_killed_process_resumes_to_the_same_result(tiny_dir, tmp_path):
     train(make_cfg(tiny_dir, tmp_path / "clean", *extra))
 
     out = tmp_path / "killed"
-    cfg_args = train_args(tiny_dir, out, *extra)
+    cfg_args = tiny_train_args(tiny_dir, out, *extra)
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
     proc = subprocess.Popen(
