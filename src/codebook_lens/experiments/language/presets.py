@@ -44,8 +44,11 @@ PRESETS: dict[str, dict] = {
     "cpu": {
         "budget_minutes": 50,
         # the offline corpus plus WordNet's definitions and usage examples (2026-12-04, on
-        # a 2-core AVX2 machine, alone: 6 of 6 topics steered against 5 of 6, music 92%
-        # against 28%; loss +0.153 over the base at 500 codebook steps, hence 700)
+        # a 2-core AVX2 machine, alone, at full size: 6 of 6 topics steered, where the last
+        # run on the offline corpus, its base at 54% of its steps on a slower day, steered
+        # 5; held-out topics 3 of 6 with either corpus; the corpus's share in the gain is
+        # not separated from the budget's). At 500 codebook steps the model stayed +0.153
+        # nats over its base; at 700, +0.131
         "data": {"corpus": "offline-wide"},
         "net": NET,
         "base": {"steps": 2800, "eval_every": 400, "eval_batches": 16, "checkpoint_every": 400},
