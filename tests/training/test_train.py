@@ -193,7 +193,10 @@ def test_distillation_with_the_network_training_uses_a_frozen_copy_of_the_base(t
         (["optim.freeze_base_steps=6"], "optim.freeze_base_steps must be below schedule"),
         (["optim.freeze_base_steps=2", "optim.freeze_base=true"], "needs optim.freeze_base: false"),
         (["model.path=/nonexistent/model"], "does not exist"),
-        (["data.corpus=/nonexistent/corpus"], "neither one of offline, offline-wide nor an existing"),
+        (
+            ["data.corpus=/nonexistent/corpus"],
+            "neither one of offline, offline-wide nor an existing",
+        ),
         (["codebooks.sites=[{site: ffn}]"], "site 'ffn' is not supported"),
         (["codebooks.sites=[{site: mlp, layers: [5]}]"], "layer 5 is out of range"),
         (["codebooks.sites=[{site: mlp, codebook: {num_codes: 8, k: 8}}]"], "k must be"),

