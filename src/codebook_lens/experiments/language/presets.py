@@ -122,7 +122,6 @@ PRESETS: dict[str, dict] = {
     # batches, shorter stages, no control, fewer measuring batches and a smaller cache
     "demo": {
         "budget_minutes": 12,
-        "data": {"corpus": "offline-wide"},  # as the cpu preset
         "net": NET,
         "base": {"steps": 600, "batch_size": 16, "eval_every": 200, "eval_batches": 8},
         "codebook": {
