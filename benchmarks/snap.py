@@ -72,9 +72,8 @@ def naive_forward(x, weight, k, similarity):
     if bias is not None:
         scores = 2 * scores + bias.squeeze(1)
     ids = scores.topk(k, dim=-1).indices  # (N, G, k)
-    q = weight[torch.arange(weight.shape[0], device=weight.device).view(1, -1, 1), ids].sum(
-        -2
-    )  # (N, G, d)
+    groups = torch.arange(weight.shape[0], device=weight.device).view(1, -1, 1)
+    q = weight[groups, ids].sum(-2)  # (N, G, d)
     out = a + (q - a).detach()
     loss = F.mse_loss(q, a.detach())
     return out.reshape(x.shape), loss

@@ -207,10 +207,13 @@ def code_logit_effects(
             logits = logits - logits.mean(-1, keepdim=True)
             hi = logits.topk(top, dim=-1)
             lo = logits.topk(top, dim=-1, largest=False)
-            out["promoted"][g, s : s + chunk] = hi.indices.cpu().numpy()
-            out["promoted_logit"][g, s : s + chunk] = hi.values.cpu().numpy()
-            out["suppressed"][g, s : s + chunk] = lo.indices.cpu().numpy()
-            out["suppressed_logit"][g, s : s + chunk] = lo.values.cpu().numpy()
+            for name, t in (
+                ("promoted", hi.indices),
+                ("promoted_logit", hi.values),
+                ("suppressed", lo.indices),
+                ("suppressed_logit", lo.values),
+            ):
+                out[name][g, s : s + chunk] = t.cpu().numpy()  # from a GPU too
     return out
 
 

@@ -119,6 +119,10 @@ def _log(msg: str) -> None:
     tqdm.write(f"[codebook-lens] {msg}", file=sys.stderr)
 
 
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_MIRROR_ENV = "CODEBOOK_LENS_DEBIAN_MIRROR"
+
+
 @dataclass(frozen=True)
 class DebPackage:
     """A pinned binary package of the Debian archive (``pool`` names the file's path under
@@ -133,10 +137,6 @@ class DebPackage:
     def url(self) -> str:
         mirror = os.environ.get(DEBIAN_MIRROR_ENV, DEBIAN_MIRROR).rstrip("/")
         return f"{mirror}/{self.pool}"
-
-
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
-DEBIAN_MIRROR_ENV = "CODEBOOK_LENS_DEBIAN_MIRROR"
 
 
 def fetch_deb(package: DebPackage, *, timeout_s: float = 300.0) -> Path:
