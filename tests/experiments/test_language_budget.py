@@ -87,6 +87,18 @@ def test_predicted_seconds_by_hand():
     greedy = _cfg(*points, "steer.objective=both", "steer.search=greedy")
     passes = 6 * B.TOPIC_FORWARDS + 6 * (1 + 2 * B.GREEDY_PASSES) * 8 * 8 * (10 * 5 * 36)
     assert B.measure_forwards(greedy, 10, 6) == pytest.approx(quality + 6 * 200_000 + passes)
+    # a screened pool: every group's screen_per_group codes once over the screening
+    # blocks (3 blocks of the cpu preset's 128 tokens), shared by the paths
+    screened = _cfg(
+        *points,
+        "steer.objective=both",
+        "steer.search=greedy",
+        "steer.screen_per_group=32",
+        "steer.screen_blocks=3",
+    )
+    pool = 6 * 32 * 8 * (3 * 128)
+    got = B.measure_forwards(screened, 10, 6)
+    assert got == pytest.approx(quality + 6 * 200_000 + passes + pool)
 
 
 def test_scaled_config_by_hand():

@@ -10,16 +10,20 @@ import torch
 from helpers import save_tiny_bpe_codebook_model, tiny_cache
 
 from codebook_lens.analysis.search import SearchError
-from codebook_lens.analysis.topics import TopicTokens, topic_tokens
+from codebook_lens.analysis.topics import TopicTokens, effect_topic_codes, topic_tokens
 from codebook_lens.core.refs import CodeRef
+from codebook_lens.steering import topic_codes as tc
 from codebook_lens.steering.intervene import Intervention, apply_intervention
 from codebook_lens.steering.topic_codes import (
+    MIN_COST,
     Forcing,
     forced_log_probs,
     forcing_of,
     greedy_path,
     measured_topic_codes,
     ranked_path,
+    screen,
+    top_per_group,
 )
 
 WORDS = ["boat", "apple", "tree"]
@@ -157,8 +161,6 @@ def test_measured_topic_codes_by_rate(cache):
 
 
 def test_a_search_reuses_the_forcings_another_measured(cache, monkeypatch):
-    import codebook_lens.steering.topic_codes as tc
-
     args = dict(candidates_per_group=3, target_rate=0.5, max_cost=0.5, blocks=2, min_count=2)
     alone = measured_topic_codes(cache, WORDS, objective="rate", **args)
     calls = []
@@ -310,3 +312,81 @@ def test_measured_topic_codes_by_either_search(cache):
     assert greedy.codes[0] == ranked.codes[0]
     with pytest.raises(SearchError, match="search"):
         measured_topic_codes(cache, WORDS, search="beam", **args)
+
+
+def test_top_per_group_by_hand():
+    refs = [CodeRef("a", 1, 0), CodeRef("a", 2, 1), CodeRef("a", 3, 0), CodeRef("b", 4, 0)]
+    refs += [CodeRef("a", 5, 0), CodeRef("a", 6, 1)]
+    assert top_per_group(refs, 1) == [refs[0], refs[1], refs[3]]
+    # the third code of group ("a", 0) is left out, the second of ("a", 1) kept
+    assert top_per_group(refs, 2) == [refs[0], refs[1], refs[2], refs[3], refs[5]]
+
+
+def test_screen_is_the_brute_force_ranking(cache):
+    model = cache.model().model
+    tokens = topic_tokens(cache, WORDS)
+    ids = np.asarray(cache.token_ids, dtype=np.int64)
+    contexts = torch.from_numpy(ids[: 2 * 32].copy()).view(2, 32)
+    refs = [
+        CodeRef(key, c, g)
+        for key, cb in model.codebooks.items()
+        for g in range(cb.groups)
+        for c in range(6)
+    ]
+    # by brute force: each code forced alone, its gain of the mean log topic probability
+    # per fluency cost (at least MIN_COST), the raising ones best first, 2 per group
+    plain = forced_log_probs(model, contexts, [], "append")
+    before = forcing_of(plain, plain, tokens)
+    scored = []
+    for order, ref in enumerate(refs):
+        f = forcing_of(forced_log_probs(model, contexts, [ref], "append"), plain, tokens)
+        gain = f.topic_log_prob - before.topic_log_prob
+        if gain > 0:
+            scored.append((-gain / max(f.cost, MIN_COST), order, ref))
+    expected = top_per_group([r for _, _, r in sorted(scored)], 2)
+    assert expected, "some code raises the topic on these contexts"
+    memo: dict = {}
+    got = screen(model, contexts, refs, tokens, 2, "append", 1.0, "log_prob", memo)
+    assert got == expected
+    assert set(memo) == set(refs)
+    # a second screen with the memo forces nothing again, and ranks as before
+    calls = []
+    real = tc.forced_log_probs
+
+    def counted(model, contexts, codes, *args):
+        calls.append(codes)
+        return real(model, contexts, codes, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tc, "forced_log_probs", counted)
+        again = screen(model, contexts, refs, tokens, 2, "append", 1.0, "log_prob", memo)
+    assert again == expected and all(not codes for codes in calls)
+
+
+def test_measured_topic_codes_from_a_screened_pool(cache):
+    args = dict(target_rate=0.5, max_cost=0.5, blocks=2, min_count=2, mode="append")
+    screened: dict = {}
+    found = measured_topic_codes(
+        cache, WORDS, candidates_per_group=2, screen_per_group=6, screened=screened, **args
+    )
+    # the pool: every group's 6 codes of largest first-order effect, forced alone on the
+    # screening blocks (here both measuring blocks); the candidates: their best 2 by
+    # measured gain per cost, so at most 2 per group, all from the pool
+    effects = effect_topic_codes(cache, WORDS, min_count=2, max_frequency=0.05, limit=None)
+    pool = top_per_group([h.ref for h in effects if h.effect > 0], 6)
+    assert set(screened) == set(pool)
+    names = [CodeRef.parse(c["code"]) for c in found.candidates]
+    assert set(names) <= set(pool)
+    per_group: dict = {}
+    for ref in names:
+        per_group[(ref.codebook, ref.group)] = per_group.get((ref.codebook, ref.group), 0) + 1
+    assert max(per_group.values()) <= 2
+    # a pool as large as the candidates is no screen at all: the same candidates
+    # (those that raise the objective on the measuring blocks) as without one
+    plain = measured_topic_codes(cache, WORDS, candidates_per_group=3, **args)
+    wide = measured_topic_codes(cache, WORDS, candidates_per_group=3, screen_per_group=3, **args)
+    assert {c["code"] for c in wide.candidates} == {c["code"] for c in plain.candidates}
+    with pytest.raises(SearchError, match="screen_per_group"):
+        measured_topic_codes(cache, WORDS, candidates_per_group=4, screen_per_group=2)
+    with pytest.raises(SearchError, match="screen_blocks"):
+        measured_topic_codes(cache, WORDS, screen_per_group=8, screen_blocks=0)

@@ -206,6 +206,51 @@ def forcing_of(logp: torch.Tensor, plain: torch.Tensor, tokens: TopicTokens) -> 
     return Forcing(float(topic.exp().mean()), float(topic.mean()), float((cross - entropy).mean()))
 
 
+def top_per_group(refs: Sequence[CodeRef], n: int) -> list[CodeRef]:
+    """The first ``n`` of ``refs`` (in the order given) of every (codebook, group), in
+    that order."""
+    taken: dict[tuple[str, int], int] = {}
+    kept: list[CodeRef] = []
+    for ref in refs:
+        key = (ref.codebook, ref.group)
+        if taken.get(key, 0) < n:
+            taken[key] = taken.get(key, 0) + 1
+            kept.append(ref)
+    return kept
+
+
+def screen(
+    model: CodebookModel,
+    contexts: torch.Tensor,
+    refs: Sequence[CodeRef],
+    tokens: TopicTokens,
+    per_group: int,
+    mode: str = "replace_last",
+    strength: float = 1.0,
+    objective: str = "log_prob",
+    measured: dict[CodeRef, Forcing] | None = None,
+) -> list[CodeRef]:
+    """Of ``refs``, the ``per_group`` codes of every (codebook, group) whose forcing alone
+    on ``contexts`` gains the most of the objective per fluency cost (:func:`_ratio`),
+    best first (ties: in the order given); codes that do not raise the objective there
+    are dropped. ``measured``: each code's forcing alone on the same contexts, for the
+    same topic, mode and strength, as far as known (filled in here)."""
+    memo = {} if measured is None else measured
+    plain = forced_log_probs(model, contexts, [], mode, strength)
+    before = forcing_of(plain, plain, tokens)
+    ratios = []
+    for order, ref in enumerate(refs):
+        if ref not in memo:
+            memo[ref] = forcing_of(
+                forced_log_probs(model, contexts, [ref], mode, strength), plain, tokens
+            )
+        alone = memo[ref]
+        if alone.score(objective) > before.score(objective):
+            ratios.append((-_ratio(alone, before, objective), order, ref))
+    ratios.sort()
+    return top_per_group([ref for _, _, ref in ratios], per_group)
+
+
 @dataclass
 class TopicCodes:
     """The chosen codes and how they were chosen."""
@@ -244,6 +289,9 @@ def measured_topic_codes(
     objective: str = "log_prob",
     measured: dict[tuple[CodeRef, ...], Forcing] | None = None,
     search: str = "greedy",
+    screen_per_group: int | None = None,
+    screen_blocks: int = 2,
+    screened: dict[CodeRef, Forcing] | None = None,
 ) -> TopicCodes:
     """The codes to force for the topic of ``words`` (see the module docstring).
 
@@ -255,6 +303,13 @@ def measured_topic_codes(
     slots, as ``replace_last`` allows). ``measured``: the forcings of code sets already
     measured on the same contexts, for the same words, mode and strength (e.g. by a
     search with the other objective), filled in here; a set in it is not measured again.
+
+    ``screen_per_group``: a wider pool first. The first-order effect ranks codes only
+    roughly (it ignores what a code costs), so the ``screen_per_group`` codes of every
+    group with the largest effect are each forced alone on ``screen_blocks`` of the
+    contexts (evenly spaced among them), and the ``candidates_per_group`` of them that
+    gain the most of the objective per fluency cost there (:func:`screen`) go on as the
+    candidates. ``screened``: forcings already measured there (as ``measured``).
     """
     if not 0.0 < target_rate < 1.0:
         raise SearchError(f"target_rate must be in (0, 1), got {target_rate}")
@@ -279,6 +334,13 @@ def measured_topic_codes(
         raise SearchError("contexts must be a (B, T) tensor of token ids with T >= 2")
     contexts = contexts.to(next(model.parameters()).device)
 
+    if screen_per_group is not None and screen_per_group < candidates_per_group:
+        raise SearchError(
+            f"screen_per_group ({screen_per_group}) must be at least candidates_per_group "
+            f"({candidates_per_group})"
+        )
+    if not isinstance(screen_blocks, int) or screen_blocks < 1:
+        raise SearchError(f"screen_blocks must be a positive integer, got {screen_blocks!r}")
     hits = [
         h
         for h in effect_topic_codes(
@@ -291,13 +353,20 @@ def measured_topic_codes(
         )
         if h.effect > 0
     ]
-    taken: dict[tuple[str, int], int] = {}
-    candidates: list[CodeRef] = []
-    for h in hits:
-        key = (h.ref.codebook, h.ref.group)
-        if taken.get(key, 0) < candidates_per_group:
-            taken[key] = taken.get(key, 0) + 1
-            candidates.append(h.ref)
+    candidates = top_per_group([h.ref for h in hits], screen_per_group or candidates_per_group)
+    if screen_per_group is not None:
+        rows = torch.linspace(0, contexts.shape[0] - 1, min(screen_blocks, contexts.shape[0]))
+        candidates = screen(
+            model,
+            contexts[rows.round().long()],
+            candidates,
+            tokens,
+            candidates_per_group,
+            mode,
+            strength,
+            objective,
+            screened,
+        )
 
     plain = forced_log_probs(model, contexts, [], mode, strength)
     before = forcing_of(plain, plain, tokens)

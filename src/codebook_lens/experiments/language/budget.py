@@ -28,7 +28,8 @@ over it, codes and neurons), and per topic :data:`TOPIC_FORWARDS` (first-order e
 over the cache, topic rates, scoring) plus, for a selection that measures them, every
 candidate code over the measuring contexts once alone (shared by the paths) and, per
 path, once more on a ``ranked`` search or :data:`GREEDY_PASSES` times on a ``greedy``
-one (which measures its leading candidates again after each addition);
+one (which measures its leading candidates again after each addition), and with
+``steer.screen_per_group`` the wider pool once over the screening blocks;
 steering's sampling costs :data:`SAMPLE_OVERHEAD` times its timed sampling (the samples are scored
 too). The constants were fitted to the cpu preset's stage times on the AVX-512 machine
 (docs/results/language.md) and checked against the same run on an AVX2 machine.
@@ -188,6 +189,9 @@ def measure_forwards(cfg: LMExperimentConfig, prompts: int, topics: int) -> floa
     if s.select in ("measured", "calibrated"):
         passes = len(s.objectives()) * (GREEDY_PASSES if s.search == "greedy" else 1)
         selection += topics * (1 + passes) * s.candidates_per_group * groups(cfg) * context
+        if s.screen_per_group is not None:
+            screen = min(context, s.screen_blocks * cfg.data.seq_len)
+            selection += topics * s.screen_per_group * groups(cfg) * screen
     return quality + CACHE_PASSES * m.cache_tokens + selection
 
 

@@ -279,6 +279,11 @@ class SteerSection:
     effect_candidates: int | None = None
     # select: measured (codebook_lens.steering.topic_codes.measured_topic_codes)
     candidates_per_group: int = 8
+    # a wider pool first (None: none): each group's `screen_per_group` codes of largest
+    # first-order effect, each forced alone on `screen_blocks` measuring blocks; the
+    # `candidates_per_group` that gain the most per fluency cost there are the candidates
+    screen_per_group: int | None = None
+    screen_blocks: int = 2
     # what the greedy search raises: the mean log topic probability or the log of the
     # mean (codebook_lens.steering.topic_codes); `both` (select: calibrated only): a path
     # for each, the calibration samples prefixes of both and keeps the best
@@ -322,6 +327,9 @@ class SteerSection:
         at_least("steer", self, 1, "window", "min_count", "codes_per_codebook", "effect_batches")
         at_least("steer", self, 1, "samples_per_prompt", "max_new_tokens", "effect_candidates")
         at_least("steer", self, 1, "calibration_points", "calibration_samples", "measure_blocks")
+        at_least("steer", self, 1, "screen_blocks")
+        ok = self.screen_per_group is None or self.screen_per_group >= self.candidates_per_group
+        require(ok, "steer.screen_per_group", self.screen_per_group, ">= candidates_per_group")
         require(self.explore_cost > 0, "steer.explore_cost", self.explore_cost, "> 0")
         require(self.mode in MODES, "steer.mode", self.mode, f"one of {', '.join(MODES)}")
         ok = 0 < self.max_frequency <= 1

@@ -144,12 +144,13 @@ def measured_path(
     max_cost: float,
     objective: str | None = None,
     measured: dict | None = None,
+    screened: dict | None = None,
 ) -> TopicCodes | None:
     """:func:`measured_topic_codes` with ``cfg``'s settings (its objective, unless
     ``objective`` is given) up to ``max_cost``; ``None`` when the topic has no candidate
     (no topic word occurs in the cache or is a token of its own, or no code qualifies).
-    ``measured``: forcings already measured on ``contexts`` (see
-    :func:`measured_topic_codes`)."""
+    ``measured``, ``screened``: forcings already measured on ``contexts`` and on its
+    screening blocks (see :func:`measured_topic_codes`)."""
     try:
         return measured_topic_codes(
             cache,
@@ -165,6 +166,9 @@ def measured_path(
             objective=objective or cfg.objective,
             measured=measured,
             search=cfg.search,
+            screen_per_group=cfg.screen_per_group,
+            screen_blocks=cfg.screen_blocks,
+            screened=screened,
         )
     except SearchError:
         return None
@@ -306,8 +310,11 @@ def calibrated_codes(
     tried: list[tuple[CalibrationPoint, list[CodeRef]]] = []
     sampled: dict[tuple[CodeRef, ...], tuple[float, float]] = {}  # shared by the paths
     measured: dict = {}  # ... and so are the forcings measured on the contexts
+    screened: dict = {}  # ... and on the screening blocks
     for objective in cfg.objectives():
-        found = measured_path(cache, topic, cfg, contexts, cfg.explore_cost, objective, measured)
+        found = measured_path(
+            cache, topic, cfg, contexts, cfg.explore_cost, objective, measured, screened
+        )
         if found is not None:
             points = calibrate_path(
                 model, codec, prompts, topic, cfg, held_out, found, objective, sampled
