@@ -284,6 +284,8 @@ class SteerSection:
     # `candidates_per_group` that gain the most per fluency cost there are the candidates
     screen_per_group: int | None = None
     screen_blocks: int = 2
+    # at most this many codes of one group forced together (None: the codebook's k)
+    max_per_group: int | None = None
     # what the greedy search raises: the mean log topic probability or the log of the
     # mean (codebook_lens.steering.topic_codes); `both` (select: calibrated only): a path
     # for each, the calibration samples prefixes of both and keeps the best
@@ -327,7 +329,7 @@ class SteerSection:
         at_least("steer", self, 1, "window", "min_count", "codes_per_codebook", "effect_batches")
         at_least("steer", self, 1, "samples_per_prompt", "max_new_tokens", "effect_candidates")
         at_least("steer", self, 1, "calibration_points", "calibration_samples", "measure_blocks")
-        at_least("steer", self, 1, "screen_blocks")
+        at_least("steer", self, 1, "screen_blocks", "max_per_group")
         ok = self.screen_per_group is None or self.screen_per_group >= self.candidates_per_group
         require(ok, "steer.screen_per_group", self.screen_per_group, ">= candidates_per_group")
         require(self.explore_cost > 0, "steer.explore_cost", self.explore_cost, "> 0")

@@ -167,6 +167,7 @@ def measured_path(
             measured=measured,
             search=cfg.search,
             screen_per_group=cfg.screen_per_group,
+            max_per_group=cfg.max_per_group,
             screen_blocks=cfg.screen_blocks,
             screened=screened,
         )
