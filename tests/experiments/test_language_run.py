@@ -270,6 +270,29 @@ def test_calibrated_selection_keeps_the_best_prefix_within_budget(files):
         first = len(alone[0][1])
         own, index = (alone[0], kept) if kept < first else (alone[1], kept - first)
         assert own[2] == index and codes == own[0]
+    # a screened pool and a cap per head reach the path as measured_topic_codes takes them
+    extra = ["steer.candidates_per_group=3", "steer.screen_per_group=6"]
+    extra += ["steer.screen_blocks=1", "steer.max_per_group=2"]
+    screened = load_lm_config("tiny", [*overrides, *more, *extra]).steer
+    codes, tried, _ = calibrated_codes(model, codec, cache, prompts, boats, screened, held_out)
+    path = measured_topic_codes(
+        cache,
+        boats.words,
+        contexts=blocks,
+        candidates_per_group=3,
+        target_rate=s.target_rate,
+        max_cost=s.explore_cost,
+        min_count=s.min_count,
+        max_frequency=s.max_frequency,
+        mode=s.mode,
+        screen_per_group=6,
+        screen_blocks=1,
+        max_per_group=2,
+    )
+    assert [p.codes for p in tried] == [
+        i + 1 for i in path_points([f.cost for f in path.path], 3, 5.0)
+    ]
+    assert codes == path.codes[: len(codes)]
 
 
 def mean_loss(model, codec, prompts, texts) -> float:
@@ -336,6 +359,10 @@ def test_config_is_checked_before_any_work(tmp_path):
         load_lm_config("tiny", ["net.source=gpt5"])
     with pytest.raises(ConfigError, match="unknown preset"):
         load_lm_config("huge")
+    with pytest.raises(ConfigError, match="steer.screen_per_group must be >= candidates_per"):
+        load_lm_config("tiny", ["steer.candidates_per_group=8", "steer.screen_per_group=4"])
+    with pytest.raises(ConfigError, match="steer.max_per_group must be >= 1"):
+        load_lm_config("tiny", ["steer.max_per_group=0"])
 
 
 def test_demo_lm_is_dispatched_and_plain_demo_stays_tokfsm(monkeypatch, tmp_path):
