@@ -32,6 +32,12 @@ mentions the topic where the probability is large (to first order a sample of ``
 tokens is on topic with probability ``1 - exp(-n * rate)``), which is what ``rate``
 scores. The set after each addition is kept (:attr:`TopicCodes.path`), so a caller
 can choose a shorter prefix of the path by what it measures otherwise (e.g. on samples).
+
+The candidates are each group's codes of largest first-order effect
+(:func:`~codebook_lens.analysis.topics.effect_topic_codes`). That ranking ignores what a
+code costs and errs far down the list, so a wider pool can be screened first
+(:func:`screen`): each of many codes forced alone on a few contexts, the ones that gain
+the most per fluency cost kept as the candidates.
 """
 
 from __future__ import annotations
