@@ -325,6 +325,13 @@ def measured_topic_codes(
         raise SearchError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if search not in SEARCHES:
         raise SearchError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+    if screen_per_group is not None and screen_per_group < candidates_per_group:
+        raise SearchError(
+            f"screen_per_group ({screen_per_group}) must be at least candidates_per_group "
+            f"({candidates_per_group})"
+        )
+    if not isinstance(screen_blocks, int) or screen_blocks < 1:
+        raise SearchError(f"screen_blocks must be a positive integer, got {screen_blocks!r}")
     loaded = cache.model()
     model = loaded.model
     tokens = topic_tokens(cache, words)
@@ -340,13 +347,6 @@ def measured_topic_codes(
         raise SearchError("contexts must be a (B, T) tensor of token ids with T >= 2")
     contexts = contexts.to(next(model.parameters()).device)
 
-    if screen_per_group is not None and screen_per_group < candidates_per_group:
-        raise SearchError(
-            f"screen_per_group ({screen_per_group}) must be at least candidates_per_group "
-            f"({candidates_per_group})"
-        )
-    if not isinstance(screen_blocks, int) or screen_blocks < 1:
-        raise SearchError(f"screen_blocks must be a positive integer, got {screen_blocks!r}")
     hits = [
         h
         for h in effect_topic_codes(

@@ -51,6 +51,7 @@ from codebook_lens.steering.topic_codes import (
     forced_log_probs,
     forcing_of,
     measured_topic_codes,
+    top_per_group,
 )
 
 
@@ -79,18 +80,6 @@ def sample_texts(
         seed=cfg.seed + cfg.calibration_seed if held_out else cfg.seed,
         intervention=intervention,
     )
-
-
-def per_group(refs: Sequence[CodeRef], n: int) -> list[CodeRef]:
-    """The first ``n`` of ``refs`` (in the order given) of every (codebook, group)."""
-    taken: dict[tuple[str, int], int] = {}
-    kept = []
-    for ref in refs:
-        key = (ref.codebook, ref.group)
-        taken[key] = taken.get(key, 0) + 1
-        if taken[key] <= n:
-            kept.append(ref)
-    return kept
 
 
 def sample_blocks(
@@ -201,9 +190,9 @@ def select_codes(cache: CodeCache, topic: Topic, cfg: SteerSection, contexts=Non
             near = _word_codes(cache, topic, cfg)
             if near is None:
                 return []
-            allowed = set(per_group(near, cfg.effect_candidates))
+            allowed = set(top_per_group(near, cfg.effect_candidates))
             refs = [r for r in refs if r in allowed]
-        return per_group(refs, cfg.codes_per_codebook)
+        return top_per_group(refs, cfg.codes_per_codebook)
     if cfg.select == "words":
         words = _word_codes(cache, topic, cfg)
         if words is None:
@@ -222,7 +211,7 @@ def select_codes(cache: CodeCache, topic: Topic, cfg: SteerSection, contexts=Non
                 limit=None,
             )
         ]
-    return per_group(refs, cfg.codes_per_codebook)
+    return top_per_group(refs, cfg.codes_per_codebook)
 
 
 def path_points(costs: Sequence[float], points: int, limit: float) -> list[int]:
