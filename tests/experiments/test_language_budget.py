@@ -29,6 +29,7 @@ def _cfg(*overrides: str):
             "steer.max_new_tokens=32",
             "steer.search=ranked",
             "steer.measure_blocks=16",
+            "steer.screen_per_group=null",
             *overrides,
         ],
     )
