@@ -244,17 +244,27 @@ def screen(
     memo = {} if measured is None else measured
     plain = forced_log_probs(model, contexts, [], mode, strength)
     before = forcing_of(plain, plain, tokens)
-    ratios = []
-    for order, ref in enumerate(refs):
+
+    def alone(ref: CodeRef) -> Forcing:
         if ref not in memo:
-            memo[ref] = forcing_of(
-                forced_log_probs(model, contexts, [ref], mode, strength), plain, tokens
-            )
-        alone = memo[ref]
-        if alone.score(objective) > before.score(objective):
-            ratios.append((-_ratio(alone, before, objective), order, ref))
-    ratios.sort()
-    return top_per_group([ref for _, _, ref in ratios], per_group)
+            logp = forced_log_probs(model, contexts, [ref], mode, strength)
+            memo[ref] = forcing_of(logp, plain, tokens)
+        return memo[ref]
+
+    ranked = by_ratio_alone(refs, alone, before, objective)
+    return top_per_group([ref for ref, _ in ranked], per_group)
+
+
+def by_ratio_alone(
+    refs: Sequence[CodeRef], alone: Callable[[CodeRef], Forcing], before: Forcing, objective: str
+) -> list[tuple[CodeRef, Forcing]]:
+    """The codes of ``refs`` whose forcing alone (``alone(ref)``) raises the objective
+    over ``before`` (the model as it is), with that forcing, by gain per fluency cost
+    (:func:`_ratio`), best first; ties in the order given."""
+    raising = [
+        (ref, f) for ref in refs if (f := alone(ref)).score(objective) > before.score(objective)
+    ]
+    return sorted(raising, key=lambda rf: -_ratio(rf[1], before, objective))
 
 
 @dataclass
@@ -386,13 +396,10 @@ def measured_topic_codes(
             memo[key] = forcing_of(logp, plain, tokens)
         return memo[key]
 
-    scored = []
-    for ref in candidates:
-        alone = measure([ref])
-        gain = alone.score(objective) - before.score(objective)
-        if gain > 0:
-            scored.append({"code": ref, "gain": gain, "cost": alone.cost})
-    scored.sort(key=lambda c: -c["gain"] / max(c["cost"], MIN_COST))
+    scored = [
+        {"code": ref, "gain": f.score(objective) - before.score(objective), "cost": f.cost}
+        for ref, f in by_ratio_alone(candidates, lambda r: measure([r]), before, objective)
+    ]
 
     def room(ref: CodeRef) -> int:
         return max_per_group if max_per_group is not None else model.codebooks[ref.codebook].k
