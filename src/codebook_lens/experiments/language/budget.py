@@ -31,8 +31,14 @@ path, once more on a ``ranked`` search or :data:`GREEDY_PASSES` times on a ``gre
 one (which measures its leading candidates again after each addition), and with
 ``steer.screen_per_group`` the wider pool once over the screening blocks;
 steering's sampling costs :data:`SAMPLE_OVERHEAD` times its timed sampling (the samples are scored
-too). The constants were fitted to the cpu preset's stage times on the AVX-512 machine
-(docs/results/language.md) and checked against the same run on an AVX2 machine.
+too); the measurements together (forward passes and sampling) cost
+:data:`MEASURE_OVERHEAD` times that (the scoring of every next-token distribution, the
+forcing's hooks and the bookkeeping, which the timed passes leave out). The constants
+were fitted to the cpu preset's stage times on the AVX-512 machine
+(docs/results/language.md) and checked against the same run on an AVX2 machine;
+:data:`CODEBOOK_STEP` and :data:`MEASURE_OVERHEAD` were refitted on 2026-12-04 to the
+preset's runs at 4,096 and 8,192 tokens on the AVX2 machine, which they had
+underpredicted (the codebook stage by 12-15%, the measurements by 32-52%).
 
 The factor is written to ``budget.json`` in the run directory and reused by a rerun
 with the same training settings (its measurements' settings may differ), so a rerun
@@ -55,13 +61,19 @@ from codebook_lens.experiments.language.config import ConfigError, LMExperimentC
 from codebook_lens.steering.sampling import generate
 from codebook_lens.training.config import to_dict
 
-CODEBOOK_STEP = 1.8
+# a codebook-stage step, k-means and evals included, in base steps: 2.04 and 2.09 in the
+# cpu preset's runs at 4,096 and 8,192 tokens (2026-12-04, AVX2; 1.8 before)
+CODEBOOK_STEP = 2.1
 CONTROL_STEP = 1.0
 KMEANS_STEPS = 105.0
 QUALITY_PASSES = 5
 CACHE_PASSES = 6
 TOPIC_FORWARDS = 330_000
 SAMPLE_OVERHEAD = 1.5
+# the measurements took 1.32 and 1.52 times the cost model's forward passes and sampling
+# in the cpu preset's runs at 4,096 and 8,192 tokens (2026-12-04, AVX2): fitted to the
+# larger, which the preset uses
+MEASURE_OVERHEAD = 1.5
 # measurements per candidate of a greedy path (steer.search: greedy): 3.7 and 2.7 on the
 # two paths of a topic of the cpu preset's model (docs/results/language.md)
 GREEDY_PASSES = 3.5
@@ -229,7 +241,7 @@ def predicted_seconds(
     token = forward / (FORWARD_ROWS * cfg.data.seq_len)
     forwards = token * measure_forwards(cfg, prompts, topics)
     steer = SAMPLE_OVERHEAD * sample * sampling_batches(cfg, prompts, topics)
-    return step * (train + kmeans) + forwards + steer
+    return step * (train + kmeans) + MEASURE_OVERHEAD * (forwards + steer)
 
 
 def scaled(cfg: LMExperimentConfig, scale: float) -> LMExperimentConfig:
