@@ -61,8 +61,8 @@ from codebook_lens.experiments.language.config import ConfigError, LMExperimentC
 from codebook_lens.steering.sampling import generate
 from codebook_lens.training.config import to_dict
 
-# a codebook-stage step, k-means and evals included, in base steps: 2.04 and 2.09 in the
-# cpu preset's runs at 4,096 and 8,192 tokens (2026-12-04, AVX2; 1.8 before)
+# a codebook-stage step, evals and checkpoints included (k-means apart), in base steps:
+# 2.04 and 2.09 in the cpu preset's runs at 4,096 and 8,192 tokens (2026-12-04, AVX2; 1.8 before)
 CODEBOOK_STEP = 2.1
 CONTROL_STEP = 1.0
 KMEANS_STEPS = 105.0
