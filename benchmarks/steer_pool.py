@@ -37,11 +37,11 @@ import torch
 from codebook_lens.cache.store import CodeCache
 from codebook_lens.core.cpu import describe_cpu
 from codebook_lens.core.loading import load_codebook_model
+from codebook_lens.experiments.language.config import PACKAGE_DIR, load_lm_config
 from codebook_lens.experiments.language.files import load_topics
 from codebook_lens.steering.topic_codes import measured_topic_codes
 
 HERE = Path(__file__).resolve().parent
-TOPIC_FILES = HERE.parent / "src" / "codebook_lens" / "experiments" / "language"
 
 
 def variants(per_group: int) -> dict[str, dict]:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     names = {"listed": "topics.yaml", "heldout": "topics-heldout.yaml"}
-    topic_file = TOPIC_FILES / names[args.topic_file] if args.topic_file in names else None
+    topic_file = PACKAGE_DIR / names[args.topic_file] if args.topic_file in names else None
     _, topics = load_topics(topic_file or args.topic_file)
     if args.topics:
         wanted = args.topics.split(",")
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = CodeCache.open(args.run / "cache")
     cache.set_model(loaded)
 
+    steer = load_lm_config("cpu").steer  # the preset's search settings, the pool aside
     rows = []
     print(f"{'topic':10s} {'pool':22s} {'codes':>5s} {'rate before':>12s} {'after':>9s}  ratio")
     for topic in topics:
@@ -90,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
                 cache,
                 topic.words,
                 blocks=args.blocks,
-                target_rate=0.3,
+                target_rate=steer.target_rate,
                 max_cost=args.max_cost,
-                min_count=20,
-                max_frequency=0.02,
-                mode="append",
+                min_count=steer.min_count,
+                max_frequency=steer.max_frequency,
+                mode=steer.mode,
+                strength=steer.strength,
                 objective="rate",
                 **pool,
             )
