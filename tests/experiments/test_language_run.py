@@ -405,6 +405,12 @@ def test_demo_preset_is_the_cpu_experiment_cut_down():
     # held-out samples the cost is measured on)
     assert demo.steer.select == cpu.steer.select == "calibrated"
     assert demo.steer.max_cost == cpu.steer.max_cost == 0.8
+    # along the same path: the topic rate's, from a screened pool, as many codes a head
+    assert demo.steer.objective == cpu.steer.objective == "rate"
+    assert demo.steer.search == cpu.steer.search == "greedy"
+    assert demo.steer.max_per_group == cpu.steer.max_per_group == 8
+    assert demo.steer.candidates_per_group < demo.steer.screen_per_group
+    assert demo.steer.screen_per_group <= cpu.steer.screen_per_group
     assert demo.steer.calibration_samples <= cpu.steer.calibration_samples
     assert demo.steer.calibration_points <= cpu.steer.calibration_points
     # the same protocol: samples of the same length, as long as the positions allow

@@ -145,14 +145,22 @@ PRESETS: dict[str, dict] = {
         },
     },
     # the same experiment on a shorter budget (at most 15 minutes here): half-size
-    # batches, shorter stages, no control, fewer measuring batches and a smaller cache
+    # batches, shorter stages, no control, fewer measuring batches and a smaller cache.
+    # The stages are twice as long as they were (base 600 steps, codebook 150), with the
+    # cpu preset's steering path (the topic rate's, from a screened pool, up to 8 codes a
+    # head): on a 2-core AVX2 machine, alone, 2026-12-05, the demo as it was took 5 min
+    # 50 s (its budget predicted 7.7 min) and steered 1 of 6 topics (mean share 30.5%,
+    # base loss 4.907); with the longer stages 8 min 23 s, 2 of 6 (56.3%, base 4.424);
+    # with the cpu preset's path as well 8 min 34 s, 4 of 6 (60.3%): the same models, so
+    # the path made the last step (docs/results/language.md). On a slower machine the
+    # budget shortens the stages to fit its 12 minutes
     "demo": {
         "budget_minutes": 12,
         "net": NET,
-        "base": {"steps": 600, "batch_size": 16, "eval_every": 200, "eval_batches": 8},
+        "base": {"steps": 1200, "batch_size": 16, "eval_every": 200, "eval_batches": 8},
         "codebook": {
             "sites": ["attn_heads"],
-            "steps": 150,
+            "steps": 250,
             "batch_size": 16,
             "lr": 3e-4,
             "codebook_lr": 1e-3,
@@ -167,12 +175,16 @@ PRESETS: dict[str, dict] = {
             "control": False,
         },
         "measure": {"eval_batches": 8, "ablation_batches": 8, "cache_tokens": 60_000},
-        # one path (objective: log_prob): with two, the demo's steering took 368 s of its
-        # 12 minutes and left its base 71% of its steps (mean share 8.5%, codes ahead on 8
-        # of 14 regexes); with one, 223 s, 83% (10.7%, 10 of 14)
+        # one path (with two, the demo's steering took 368 s of its 12 minutes and left
+        # its base 71% of its steps, mean share 8.5%; with one, 223 s, 83%, 10.7%): the
+        # topic rate's, as the cpu preset's, from each head's 32 codes of largest
+        # first-order effect screened down to 4, up to 8 codes of one head
         "steer": {
             "select": "calibrated",
+            "objective": "rate",
             "candidates_per_group": 4,
+            "screen_per_group": 32,
+            "max_per_group": 8,
             "target_rate": 0.3,
             "explore_cost": 1.6,
             "calibration_points": 3,
