@@ -11,7 +11,7 @@ from codebook_lens.experiments.language.files import load_regexes, load_topics
 def test_packaged_and_held_out_topics():
     prompts, topics = load_topics(TOPIC_FILE)
     sets = [topics]
-    for name in ("topics-heldout.yaml", "topics-heldout2.yaml"):
+    for name in ("topics-heldout.yaml", "topics-heldout2.yaml", "topics-heldout3.yaml"):
         held_prompts, held = load_topics(PACKAGE_DIR / name)
         assert held_prompts == prompts  # the same prompts: only the topics differ
         assert len(held) >= 6
