@@ -171,6 +171,33 @@ def test_topic_share_counts_whole_words_ignoring_case():
         M.topic_share([], ["ship"])
 
 
+def test_first_on_topic_takes_the_first_steered_mention_with_its_seeds_unsteered_sample():
+    samples = [
+        {"prompt": "The", "baseline": ["a ship", "b"], "steered": ["no", "shipment"]},
+        {"prompt": "It was", "baseline": ["c", "d"], "steered": ["e", "Ships ahoy"]},
+        {"prompt": "In the", "baseline": ["f"], "steered": ["a ship"]},
+    ]
+    # the unsteered "a ship" does not count, nor "shipment": the second prompt's second seed
+    assert M.first_on_topic(samples, ["ship", "ships"]) == ("It was", "d", "Ships ahoy")
+    assert M.first_on_topic(samples, ["boat"]) is None
+
+
+def test_excerpt_cuts_at_words_around_the_first_topic_word_and_brackets_every_one():
+    assert M.excerpt("a  b\nc fire d", ["fire"]) == "a b c [fire] d"
+    assert M.excerpt("no topic here", ["fire"]) == "no topic here"
+    text = " ".join(f"w{i:02d}" for i in range(40)) + " Fire and fire"  # w00 .. w39
+    # width 30: from 10 characters before the word, which falls inside "w37", so from the
+    # next whole word on
+    got = M.excerpt(text, ["fire"], width=30)
+    assert got == "... w38 w39 [Fire] and [fire]"
+    text = "fire " + " ".join(f"w{i:02d}" for i in range(40))
+    # 20 characters, "fire w00 w01 w02 w03", end at a word; 22 would end inside "w04"
+    for width in (20, 22):
+        assert M.excerpt(text, ["fire"], width=width) == "[fire] w00 w01 w02 w03 ..."
+    with pytest.raises(CodebookLensError):
+        M.excerpt("fire", ["fire"], width=5)
+
+
 def test_needed_topic_rate_by_hand():
     # one token: the rate is the share itself; two tokens at r = 1 - sqrt(0.4) mention the
     # topic with probability 1 - (1 - r)^2 = 0.6

@@ -384,6 +384,44 @@ def test_demo_lm_is_dispatched_and_plain_demo_stays_tokfsm(monkeypatch, tmp_path
     assert calls[-1] == ("fsm", "demo")
 
 
+def test_demo_samples_show_the_topics_steered_furthest_where_they_mention_the_topic(
+    tmp_path, capsys
+):
+    from codebook_lens.cli.lm import print_samples
+
+    def topic(name, share, steered):
+        row = {"prompt": "The", "baseline": ["plain one", "plain two"], "steered": steered}
+        return {"name": name, "words": [name], "steered_share": share, "samples": [row]}
+
+    steering = [
+        topic("war", 0.2, ["a war", "b"]),
+        topic("sea", 0.9, ["calm", "the sea rose"]),
+        topic("food", 0.5, ["no", "none"]),  # steered samples that never mention it
+        topic("music", 0.7, ["music <3", "x"]),
+    ]
+    (tmp_path / "analysis.json").write_text(json.dumps({"steering": steering}))
+    print_samples(tmp_path, topics=3)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    # the three largest shares are sea, music, food; food has no sample to show
+    assert lines == [
+        "  sea (90% of steered samples on topic); the first on topic, from prompt 'The':",
+        "    unsteered  plain two",
+        "    steered    the [sea] rose",
+        "  music (70% of steered samples on topic); the first on topic, from prompt 'The':",
+        "    unsteered  plain one",
+        "    steered    [music] <3",
+    ]
+
+
+def test_report_marks_topic_words_and_escapes_the_rest():
+    from codebook_lens.experiments.language.report import marked
+
+    assert marked("a <Fire> & fire!", ["fire"]) == (
+        "a &lt;<mark>Fire</mark>&gt; &amp; <mark>fire</mark>!"
+    )
+    assert marked("firewood", ["fire"]) == "firewood"
+
+
 def test_demo_preset_is_the_cpu_experiment_cut_down():
     # the demo must fit 15 minutes where the cpu preset has an hour: the same network
     # and measurements, no stage longer, no control, a smaller cache, a vocabulary no

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import textwrap
 from pathlib import Path
 
 from codebook_lens.core.cpu import describe_cpu
@@ -96,16 +95,25 @@ def print_lm_summary(m: dict, out: str | Path) -> None:
 
 
 def print_samples(out: Path, topics: int = 3) -> None:
-    """One unsteered and one steered sample of the first prompt, for a few topics."""
+    """For the ``topics`` topics steered furthest: the first steered sample that mentions
+    the topic beside the unsteered sample of the same prompt and seed, cut around the
+    topic word, topic words in brackets."""
+    from codebook_lens.experiments.language.measures import excerpt, first_on_topic
+
     details = json.loads((out / "analysis.json").read_text())
+    ranked = sorted(details["steering"], key=lambda r: -r["steered_share"])
     print()
-    for r in details["steering"][:topics]:
-        s = r["samples"][0]
-        print(f"  {r['name']} (prompt {s['prompt']!r}):")
-        for label, text in (("unsteered", s["baseline"][0]), ("steered", s["steered"][0])):
-            line = " ".join(text.split())
-            wrapped = textwrap.shorten(line, 100, placeholder=" ...")
-            print(f"    {label:<10} {wrapped}")
+    for r in ranked[:topics]:
+        pair = first_on_topic(r["samples"], r["words"])
+        if pair is None:
+            continue
+        prompt, plain, steered = pair
+        print(
+            f"  {r['name']} ({r['steered_share']:.0%} of steered samples on topic); the "
+            f"first on topic, from prompt {prompt!r}:"
+        )
+        for label, text in (("unsteered", plain), ("steered", steered)):
+            print(f"    {label:<10} {excerpt(text, r['words'], 96)}")
 
 
 def add_parser(sub) -> None:

@@ -280,6 +280,40 @@ def topic_share(texts: Sequence[str], words: Sequence[str]) -> float:
     return sum(mentions_topic(t, pattern) for t in texts) / len(texts)
 
 
+def first_on_topic(samples: Sequence[dict], words: Sequence[str]) -> tuple[str, str, str] | None:
+    """``(prompt, unsteered, steered)`` of the first pair of samples drawn from one seed,
+    prompts and seeds in the order sampled (``samples``: per prompt, ``{"prompt",
+    "baseline", "steered"}`` as the run's analysis.json holds them), whose steered sample
+    mentions the topic; ``None`` when no steered sample does."""
+    pattern = topic_pattern(words)
+    for row in samples:
+        for plain, steered in zip(row["baseline"], row["steered"], strict=True):
+            if mentions_topic(steered, pattern):
+                return row["prompt"], plain, steered
+    return None
+
+
+def excerpt(text: str, words: Sequence[str], width: int = 100) -> str:
+    """``text`` on one line (each run of whitespace one space), cut to at most ``width``
+    characters at word boundaries around its first topic word (from a third of
+    ``width`` before it; from the start when it holds none), with `` ...`` where it was
+    cut and every topic word in brackets."""
+    if width < 10:
+        raise CodebookLensError(f"width must be at least 10, got {width}")
+    pattern = topic_pattern(words)
+    line = " ".join(text.split())
+    found = pattern.search(line)
+    start = 0 if found is None else max(0, found.start() - width // 3)
+    if start > 0 and line[start - 1] != " ":
+        start = line.find(" ", start) + 1  # the next word: never half of one
+    end = start + width
+    if end < len(line) and line[end] != " ":
+        end = line.rfind(" ", start, end)
+        end = start + width if end <= start else end
+    piece = pattern.sub(lambda m: f"[{m.group(0)}]", line[start:end].strip())
+    return ("... " if start > 0 else "") + piece + (" ..." if end < len(line) else "")
+
+
 def needed_topic_rate(tokens: int, share: float = 0.6) -> float:
     """The probability per token of starting a topic word at which a sample of ``tokens``
     tokens would mention the topic with probability ``share``, were its tokens drawn

@@ -19,6 +19,7 @@ from codebook_lens.plots import (
     svg,
     training_curves,
 )
+from codebook_lens.steering.sampling import topic_pattern
 from codebook_lens.training.config import to_dict
 
 
@@ -141,6 +142,16 @@ def _regex_table(rows: list[dict]) -> str:
     )
 
 
+def marked(text: str, words) -> str:
+    """``text`` as HTML, every topic word of ``words`` in ``<mark>``."""
+    pattern = topic_pattern(words)
+    parts, at = [], 0
+    for m in pattern.finditer(text):
+        parts += [html.escape(text[at : m.start()]), f"<mark>{html.escape(m.group(0))}</mark>"]
+        at = m.end()
+    return "".join(parts) + html.escape(text[at:])
+
+
 def _samples(result: dict, count: int = 3) -> str:
     rows = []
     for s in result["samples"][:count]:
@@ -149,9 +160,9 @@ def _samples(result: dict, count: int = 3) -> str:
                 "<tr><td>"
                 + html.escape(s["prompt"])
                 + "</td><td style='text-align:left'>"
-                + html.escape(b)
+                + marked(b, result["words"])
                 + "</td><td style='text-align:left'>"
-                + html.escape(t)
+                + marked(t, result["words"])
                 + "</td></tr>"
             )
     return (
@@ -323,6 +334,10 @@ def lm_report(run_dir: Path, cfg, metrics: dict, details: dict) -> Path:
             f"{cfg.steer.max_cost:g} nats is forced above.</p>"
         )
         parts.append(f"<figure>{calibration_plot(steering, cfg.steer.max_cost)}</figure>")
+    parts.append(
+        "<p>Samples of the first prompts, unsteered and steered from the same seed; the "
+        "topic's words are marked.</p>"
+    )
     for r in steering:
         parts.append(f"<h3>{html.escape(r['name'])}</h3>" + _samples(r))
 
