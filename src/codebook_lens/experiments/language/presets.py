@@ -60,8 +60,8 @@ PRESETS: dict[str, dict] = {
         # over the base (+0.131 at 4,096), 97.5% of the gap, codes ahead on 12 of 14
         # regexes by a median 30.2 points (13, 22.7), 6 of 6 topics, primed shares 15-42%
         # (8-34%). The preset as it is, alone: 50 min 2 s, +0.123, 97.5%, 12 of 14 by a
-        # median 22.6, 6 of 6 topics; held-out topics 8 of 12 (5 at 4,096 tokens):
-        # docs/results/language.md
+        # median 22.6, 6 of 6 topics; held-out topics 8 of 12 (5 at 4,096 tokens), 13 of 18
+        # with a fourth file: docs/results/language.md
         "tokenizer": {"vocab_size": 8192},
         "net": NET,
         "base": {"steps": 2800, "eval_every": 400, "eval_batches": 16, "checkpoint_every": 400},
