@@ -18,7 +18,7 @@ No sampling: the topic rate per token is what the steered share follows (a sampl
 tokens is on topic with probability about ``1 - exp(-n * rate)``).
 
     python benchmarks/steer_pool.py RUN_DIR
-    python benchmarks/steer_pool.py RUN_DIR --topics sickness,school --topic-file heldout
+    python benchmarks/steer_pool.py RUN_DIR --topics sickness,school --topic-file topics-heldout
 
 RUN_DIR: a ``codebook lm`` run directory (its ``codebook/model`` and ``cache``).
 Results: benchmarks/steer-pool-latest.json.
@@ -37,8 +37,8 @@ import torch
 from codebook_lens.cache.store import CodeCache
 from codebook_lens.core.cpu import describe_cpu
 from codebook_lens.core.loading import load_codebook_model
-from codebook_lens.experiments.language.config import PACKAGE_DIR, load_lm_config
-from codebook_lens.experiments.language.files import load_topics
+from codebook_lens.experiments.language.config import TOPIC_FILE, load_lm_config
+from codebook_lens.experiments.language.files import data_file, load_topics
 from codebook_lens.steering.topic_codes import measured_topic_codes
 
 HERE = Path(__file__).resolve().parent
@@ -60,7 +60,9 @@ def variants(per_group: int) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a codebook lm run directory")
-    parser.add_argument("--topic-file", default="heldout", help="listed, heldout or a path")
+    parser.add_argument(
+        "--topic-file", default="topics-heldout", help="a path, or a packaged file's name"
+    )
     parser.add_argument("--topics", default=None, help="comma-separated names (default: all)")
     parser.add_argument("--per-group", type=int, default=8, help="candidates per head")
     parser.add_argument("--max-cost", type=float, default=0.8)
@@ -68,14 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "steer-pool-latest.json")
     args = parser.parse_args(argv)
 
-    names = {"listed": "topics.yaml", "heldout": "topics-heldout.yaml"}
-    topic_file = PACKAGE_DIR / names[args.topic_file] if args.topic_file in names else None
-    _, topics = load_topics(topic_file or args.topic_file)
+    topic_file = data_file(args.topic_file, TOPIC_FILE)
+    _, topics = load_topics(topic_file)
     if args.topics:
         wanted = args.topics.split(",")
         unknown = sorted(set(wanted) - {t.name for t in topics})
         if unknown:
-            parser.error(f"no topic {', '.join(unknown)} in {topic_file or args.topic_file}")
+            parser.error(f"no topic {', '.join(unknown)} in {topic_file}")
         topics = [t for t in topics if t.name in wanted]
     loaded = load_codebook_model(args.run / "codebook" / "model")
     cache = CodeCache.open(args.run / "cache")

@@ -10,7 +10,7 @@ topic's words for a given push, whatever is forced. Beside them, the steered sha
 run measured for the topic, where it was steered on that file.
 
     python benchmarks/topic_reach.py RUN_DIR
-    python benchmarks/topic_reach.py RUN_DIR --topic-file heldout2
+    python benchmarks/topic_reach.py RUN_DIR --topic-file topics-heldout2
 
 RUN_DIR: a ``codebook lm`` run directory (its ``codebook/model`` and ``cache``).
 Results: benchmarks/topic-reach-latest.json (``--out`` to write elsewhere).
@@ -30,16 +30,10 @@ from codebook_lens.analysis.topics import code_gradients, topic_tokens
 from codebook_lens.cache.store import CodeCache
 from codebook_lens.core.cpu import describe_cpu
 from codebook_lens.core.loading import load_codebook_model
-from codebook_lens.experiments.language.config import PACKAGE_DIR
-from codebook_lens.experiments.language.files import load_topics
+from codebook_lens.experiments.language.config import TOPIC_FILE
+from codebook_lens.experiments.language.files import data_file, load_topics
 
 HERE = Path(__file__).resolve().parent
-FILES = {
-    "listed": "topics.yaml",
-    "heldout": "topics-heldout.yaml",
-    "heldout2": "topics-heldout2.yaml",
-    "heldout3": "topics-heldout3.yaml",
-}
 
 
 def reach(model, parts: list[torch.Tensor], tokens) -> list[dict]:
@@ -67,12 +61,12 @@ def reach(model, parts: list[torch.Tensor], tokens) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a codebook lm run directory")
-    parser.add_argument("--topic-file", default="listed", help=f"{', '.join(FILES)} or a path")
+    parser.add_argument("--topic-file", default="topics", help="a path, or a packaged file's name")
     parser.add_argument("--blocks", type=int, default=64, help="cache blocks the gradient averages")
     parser.add_argument("--out", type=Path, default=HERE / "topic-reach-latest.json")
     args = parser.parse_args(argv)
 
-    path = PACKAGE_DIR / FILES[args.topic_file] if args.topic_file in FILES else args.topic_file
+    path = data_file(args.topic_file, TOPIC_FILE)
     _, topics = load_topics(path)
     loaded = load_codebook_model(args.run / "codebook" / "model")
     cache = CodeCache.open(args.run / "cache")

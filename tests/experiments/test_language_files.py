@@ -4,8 +4,18 @@ share an entry (the held-out ones test a method on topics it was not developed o
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from codebook_lens.experiments.language.config import PACKAGE_DIR, REGEX_FILE, TOPIC_FILE
-from codebook_lens.experiments.language.files import load_regexes, load_topics
+from codebook_lens.experiments.language.files import (
+    data_file,
+    load_regexes,
+    load_topics,
+    packaged_files,
+)
+from codebook_lens.training.config import ConfigError
 
 
 def test_packaged_and_held_out_topics():
@@ -31,3 +41,26 @@ def test_packaged_and_held_out_regexes():
     assert len(regexes) >= 12 and len(held) >= 12
     assert not {r.pattern for r in regexes} & {r.pattern for r in held}
     assert not {r.name for r in regexes} & {r.name for r in held}
+
+
+def test_a_run_names_a_packaged_file_or_a_path(tmp_path, monkeypatch):
+    assert data_file(None, TOPIC_FILE) == TOPIC_FILE
+    assert data_file("topics-heldout3", TOPIC_FILE) == PACKAGE_DIR / "topics-heldout3.yaml"
+    assert data_file("regexes-heldout", REGEX_FILE) == PACKAGE_DIR / "regexes-heldout.yaml"
+    assert {"topics", "topics-heldout", "topics-heldout2", "topics-heldout3"} <= set(
+        packaged_files("topics")
+    )
+    assert packaged_files("regexes") == ["regexes", "regexes-heldout"]
+    # a file of that name where the run starts is read rather than the packaged one
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "topics-heldout").write_text("prompts: [x]\n")
+    assert data_file("topics-heldout", TOPIC_FILE) == Path("topics-heldout")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("prompts: [x]\n")
+    assert data_file(str(mine), TOPIC_FILE) == mine
+    # neither a file nor a packaged name: reading it says what the names are
+    missing = data_file("topics-heldout9", TOPIC_FILE)
+    with pytest.raises(ConfigError, match="packaged file's name: topics, topics-heldout"):
+        load_topics(missing)
+    with pytest.raises(ConfigError, match="regexes, regexes-heldout"):
+        load_regexes(data_file("nope", REGEX_FILE))

@@ -243,7 +243,8 @@ class MeasureSection:
     eval_batches: int = 32
     ablation_batches: int = 16  # training batches for the mean activation of each site
     cache_tokens: int = 200_000
-    regex_file: str | None = None  # None: the packaged regexes.yaml
+    # None: the packaged regexes.yaml; a path, or a packaged file's name (regexes-heldout)
+    regex_file: str | None = None
     min_count: int = 10
     min_recall: float = 0.1
     recalls: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 0.9])
@@ -270,7 +271,8 @@ class SteerSection:
     ``codes_per_codebook`` of every codebook (every head of an attention codebook
     counts as one) are forced on at every position at ``strength``."""
 
-    topic_file: str | None = None  # None: the packaged topics.yaml
+    # None: the packaged topics.yaml; a path, or a packaged file's name (topics-heldout)
+    topic_file: str | None = None
     select: typing.Literal["words", "text", "effect", "measured", "calibrated"] = "words"
     window: int = 16
     effect_batches: int = 4  # select: effect

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from codebook_lens.analysis.search import SearchError, compile_pattern
+from codebook_lens.experiments.language.config import PACKAGE_DIR
 from codebook_lens.training.config import ConfigError
 
 
@@ -29,10 +30,35 @@ class Topic:
     text: str
 
 
+def packaged_files(kind: str) -> list[str]:
+    """The names of the packaged ``kind`` files (``topics`` or ``regexes``): the listed
+    one and its held-out counterparts, e.g. ``topics``, ``topics-heldout``, ..."""
+    return sorted(p.stem for p in PACKAGE_DIR.glob(f"{kind}*.yaml"))
+
+
+def data_file(value: str | None, default: Path) -> Path:
+    """The topic or regex file a run reads: ``default`` for ``None``; ``value`` as a path
+    where a file is there; else a packaged file by its name (``topics-heldout3`` for
+    ``topics-heldout3.yaml`` beside this module); else ``value`` as given (reading it
+    then fails with the packaged names listed)."""
+    if value is None:
+        return default
+    path = Path(value)
+    if path.is_file():
+        return path
+    packaged = PACKAGE_DIR / f"{value}.yaml"
+    if path.name == value and packaged.is_file():
+        return packaged
+    return path
+
+
 def _read(path: str | Path, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"the {what} file {path} does not exist")
+        names = ", ".join(packaged_files("regexes" if what == "regex" else "topics"))
+        raise ConfigError(
+            f"the {what} file {path} does not exist (a path, or a packaged file's name: {names})"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

@@ -57,7 +57,7 @@ from codebook_lens.experiments.language.config import (
     load_lm_config,
     stage_config,
 )
-from codebook_lens.experiments.language.files import load_regexes, load_topics
+from codebook_lens.experiments.language.files import data_file, load_regexes, load_topics
 from codebook_lens.experiments.language.measures import lead_summary
 from codebook_lens.experiments.language.metrics import METRIC_KEYS
 from codebook_lens.experiments.language.report import lm_report
@@ -306,8 +306,8 @@ def run(cfg: LMExperimentConfig, out: str | Path, log: Log = print) -> dict:
     hf_logging.disable_progress_bar()  # our own bars say what is going on
     out = check_output_dir(out, "run directory")
     out.mkdir(parents=True, exist_ok=True)
-    regexes = load_regexes(cfg.measure.regex_file or REGEX_FILE)
-    prompts, topics = load_topics(cfg.steer.topic_file or TOPIC_FILE)
+    regexes = load_regexes(data_file(cfg.measure.regex_file, REGEX_FILE))
+    prompts, topics = load_topics(data_file(cfg.steer.topic_file, TOPIC_FILE))
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     seconds: dict[str, float] = {}
